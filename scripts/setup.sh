@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# (This machine's pip config lists local indexes; their "is ignored" warnings are noise.)
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
     # shellcheck disable=SC2086
     pip install ${IDDM_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
