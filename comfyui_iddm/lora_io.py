@@ -1,0 +1,150 @@
+"""LoRA files: kohya-format keys, IDDM metadata, atomic safetensors I/O.
+
+kohya keys (`lora_unet_<diffusers module path, . -> _>.lora_down.weight` / `.lora_up.weight` /
+`.alpha`) are what ComfyUI, A1111/Forge and diffusers all load; peft's `lora_A/lora_B` keys are not
+mapped by ComfyUI for attention layers. The metadata records the IDDM settings and aggregate
+figures, never anything that identifies the photos.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from . import __version__
+from .atomic import check_writable, write_with
+from .config import IDDMConfig
+
+KOHYA_PREFIX = "lora_unet_"
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def kohya_name(module_path: str) -> str:
+    """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` ->
+    `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0`."""
+    return KOHYA_PREFIX + module_path.replace(".", "_")
+
+
+def peft_to_kohya(state: Mapping[str, Tensor], lora_alpha: float) -> dict[str, Tensor]:
+    """peft keys `<module path>.lora_A.weight` / `.lora_B.weight` -> kohya keys with `.alpha`.
+
+    kohya scales by alpha / rank and peft by lora_alpha / r, so `.alpha` = lora_alpha is exact."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith(PEFT_A):
+            name = kohya_name(key[: -len(PEFT_A)])
+            out[name + DOWN] = tensor
+            out[name + ALPHA] = torch.tensor(float(lora_alpha))
+        elif key.endswith(PEFT_B):
+            out[kohya_name(key[: -len(PEFT_B)]) + UP] = tensor
+        else:
+            raise ValueError(f"{key!r} is not a peft LoRA key (expected *{PEFT_A} or *{PEFT_B}).")
+    return out
+
+
+def kohya_to_peft(state: Mapping[str, Tensor], module_paths: Iterable[str],
+                  lora_alpha: float) -> dict[str, Tensor]:
+    """Inverse of peft_to_kohya for a model whose LoRA modules are `module_paths` (needed because
+    `_` in kohya names is ambiguous). A file alpha other than lora_alpha is folded into lora_up so
+    the LoRA's effect is unchanged. Every module must be present and no other key."""
+    paths = {kohya_name(p): p for p in module_paths}
+    names = {key.rsplit(".", 2)[0] if key.endswith((DOWN, UP)) else key.rsplit(".", 1)[0]
+             for key in state}
+    unknown = sorted(names - set(paths))
+    missing = sorted(set(paths) - names)
+    if unknown or missing:
+        raise ValueError(f"the LoRA does not fit this model: {len(unknown)} unknown module(s) "
+                         f"{unknown[:3]}, {len(missing)} missing module(s) {missing[:3]}; "
+                         "was it trained on a different base model?")
+    out: dict[str, Tensor] = {}
+    for name, path in paths.items():
+        down, up = state.get(name + DOWN), state.get(name + UP)
+        if down is None or up is None:
+            raise ValueError(f"{name} lacks {DOWN if down is None else UP}; the LoRA file is incomplete.")
+        alpha = float(state[name + ALPHA]) if name + ALPHA in state else down.shape[0]
+        out[path + PEFT_A] = down
+        out[path + PEFT_B] = up if alpha == lora_alpha else up * (alpha / lora_alpha)
+    return out
+
+
+def lora_metadata(config: IDDMConfig, figures: Mapping[str, Any], *,
+                  base_model_version: str | None = None) -> dict[str, str]:
+    """safetensors header: one `iddm.<knob>` per setting, `iddm.version`, `iddm.figures` (aggregate
+    numbers only) and the kohya `ss_*` keys UIs show. Nothing that identifies the photos."""
+    _check_numbers_only(figures, "figures")
+    meta = {f"iddm.{name}": _encode(value) for name, value in config.to_dict().items()}
+    meta["iddm.version"] = __version__
+    meta["iddm.figures"] = json.dumps(dict(figures), sort_keys=True)
+    meta["ss_network_module"] = "networks.lora"
+    meta["ss_network_dim"] = str(config.rank)
+    meta["ss_network_alpha"] = _encode(config.lora_alpha)
+    if base_model_version:
+        meta["ss_base_model_version"] = base_model_version
+    return meta
+
+
+def read_iddm_settings(metadata: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """The parsed `iddm.*` values (key without the prefix; knobs, `version`, `figures`), or None if
+    the file is not an IDDM LoRA."""
+    if not metadata or "iddm.version" not in metadata:
+        return None
+    text_fields = {f.name for f in dataclasses.fields(IDDMConfig) if f.type == "str"} | {"version"}
+    settings: dict[str, Any] = {}
+    for key, raw in metadata.items():
+        if key.startswith("iddm."):
+            name = key[len("iddm."):]
+            settings[name] = raw if name in text_fields else json.loads(raw)
+    return settings
+
+
+def save_lora(path: str | Path, state: Mapping[str, Tensor], metadata: Mapping[str, str],
+              overwrite: bool = False) -> None:
+    """Write a kohya LoRA atomically; an existing file is refused unless overwrite."""
+    path = Path(path)
+    check_writable(path, overwrite)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
+
+
+def load_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(kohya state, metadata) of a LoRA .safetensors file; a clear ValueError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable .safetensors file ({error}); expected a LoRA "
+                         "in kohya format such as `iddm train` writes.") from None
+    if not any(k.endswith((DOWN, UP)) for k in state):
+        raise ValueError(f"{path} holds no LoRA weights (no *{DOWN} / *{UP} keys); expected a LoRA "
+                         "in kohya format such as `iddm train` writes, not a checkpoint or embedding.")
+    return state, metadata
+
+
+def _encode(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _check_numbers_only(value: Any, where: str) -> None:
+    """Figures are aggregates (numbers, lists/dicts of numbers): refusing text keeps photo names,
+    paths and hashes out of the file."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_numbers_only(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_numbers_only(item, f"{where}[{i}]")
+    elif value is not None and not isinstance(value, numbers.Number):
+        raise ValueError(f"LoRA metadata {where}={value!r} is not a number; only aggregate numbers "
+                         "may be stored (never photo names, paths or hashes).")
