@@ -32,9 +32,19 @@ def embed_faces(recognizer: nn.Module, images: Tensor, landmarks: Tensor) -> Ten
 
 
 @torch.no_grad()
-def identity_prototype(recognizer: nn.Module, images: Tensor, landmarks: Tensor) -> Tensor:
-    """e = normalize(mean_i f(Align(x_i))): one unit vector [D] for the person in `images`."""
-    return F.normalize(embed_faces(recognizer, images, landmarks).mean(dim=0), dim=0)
+def identity_prototype(recognizer: nn.Module, images: Tensor | Sequence[Tensor],
+                       landmarks: Tensor | Sequence[Tensor]) -> Tensor:
+    """e = normalize(mean_i f(Align(x_i))): one unit vector [D] for the person in `images`.
+
+    images: a batch [N,3,H,W] with landmarks [N,5,2], or (photos of different sizes) a sequence
+    of [3,H,W] images with a sequence of [5,2] landmarks.
+    """
+    if isinstance(images, Tensor):
+        embeddings = embed_faces(recognizer, images, landmarks)
+    else:
+        embeddings = torch.cat([embed_faces(recognizer, img[None], torch.as_tensor(lm)[None])
+                                for img, lm in zip(images, landmarks, strict=True)])
+    return F.normalize(embeddings.mean(dim=0), dim=0)
 
 
 class IdentityEnsemble(nn.Module):
@@ -52,8 +62,8 @@ class IdentityEnsemble(nn.Module):
         self.prototypes = [p.detach() for p in prototypes]
 
     @classmethod
-    def from_reference(cls, recognizers: Sequence[nn.Module], reference_images: Tensor,
-                       reference_landmarks: Tensor, tau: float) -> "IdentityEnsemble":
+    def from_reference(cls, recognizers: Sequence[nn.Module], reference_images: Tensor | Sequence[Tensor],
+                       reference_landmarks: Tensor | Sequence[Tensor], tau: float) -> "IdentityEnsemble":
         prototypes = [identity_prototype(r, reference_images, reference_landmarks) for r in recognizers]
         return cls(recognizers, prototypes, tau)
 

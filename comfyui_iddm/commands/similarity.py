@@ -1,0 +1,117 @@
+"""`iddm similarity`: how strongly do these images show the person in the reference photos?
+
+Prints, per image, whether a face was found and its cosine similarity to the person's prototype
+under each recognizer, then the summary: FSR and the mean cosine per recognizer. File names are
+printed for the user's own terminal only; nothing is written to disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..config import parse_list
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# Detection cost grows with the pixel count; faces in larger photos are plenty big at this size.
+MAX_SIDE = 1024
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "similarity", help="face similarity of images to the person in reference photos",
+        description="Cosine similarity of the face in each image to the identity prototype (the "
+                    "normalized mean embedding of the reference faces), per face recognizer, and "
+                    "the face success rate (FSR). Lower similarity = harder to link to the person.")
+    p.add_argument("--reference", required=True, type=Path, help="folder of photos of the person")
+    p.add_argument("--images", required=True, type=Path, help="folder of images to measure")
+    p.add_argument("--recognizers", default="auto",
+                   help="comma-separated: irse50, ir152, mobilefacenet, facenet, arcface, dlib_resnet, "
+                        "or auto (every one whose weights are present; default)")
+    p.add_argument("--surrogates", default=None,
+                   help="recognizers the images were optimized against (warns if also measured here)")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="folder with face-recognizer weights (default $IDDM_WEIGHTS_DIR or the user cache)")
+    p.add_argument("--detector", choices=["auto", "mtcnn", "scrfd"], default="auto",
+                   help="face detector (auto: SCRFD if an InsightFace pack is present, else MTCNN)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..faces.detect import load_detector
+    from ..faces.ensemble import IdentityEnsemble
+    from ..faces.registry import load_recognizers, resolve_names
+    from ..metrics import evaluator_overlap, identity_similarity
+
+    names = resolve_names(parse_list(args.recognizers), args.weights_dir)
+    if args.surrogates:
+        evaluator_overlap(names, parse_list(args.surrogates))
+    detector = load_detector(args.detector, device=args.device, weights_dir=args.weights_dir)
+    recognizers = load_recognizers(names, args.weights_dir, args.device)
+
+    ref_files, ref_images = read_folder(args.reference)
+    ref_faces = [detector.detect(img[None])[0] for img in ref_images]
+    usable = [i for i, faces in enumerate(ref_faces) if faces]
+    for i in sorted(set(range(len(ref_files))) - set(usable)):
+        print(f"reference {ref_files[i].name}: no face found, not used", file=sys.stderr)
+    if not usable:
+        raise ValueError(f"no face found in any reference photo in {args.reference}; use clear, "
+                         "front-facing photos of the person.")
+    ensemble = IdentityEnsemble.from_reference(
+        recognizers, [ref_images[i].to(args.device) for i in usable],
+        [torch.as_tensor(ref_faces[i][0].landmarks).to(args.device) for i in usable], tau=1.0)
+
+    files, images = read_folder(args.images)
+    report = identity_similarity(ensemble, images, [detector.detect(img[None])[0] for img in images])
+    rows = [{"file": f.name, "face": row is not None,
+             "cosine": dict(zip(report.names, (round(v, 4) for v in row))) if row else None}
+            for f, row in zip(files, report.per_image)]
+    summary = {"recognizers": list(report.names), "reference_faces": len(usable),
+               "fsr": round(report.fsr, 4),
+               "mean_cosine": {k: (round(v, 4) if v is not None else None) for k, v in report.mean.items()},
+               "images": rows}
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    return 0
+
+
+def format_table(summary: dict) -> str:
+    names = summary["recognizers"]
+    width = max([len(r["file"]) for r in summary["images"]] + [5])
+    lines = [f"{'image':<{width}}  face  " + "  ".join(f"{n:>13}" for n in names)]
+    for row in summary["images"]:
+        cells = [f"{row['cosine'][n]:>13.3f}" if row["face"] else f"{'-':>13}" for n in names]
+        lines.append(f"{row['file']:<{width}}  {'yes' if row['face'] else 'no ':<4}  " + "  ".join(cells))
+    found = sum(r["face"] for r in summary["images"])
+    lines.append(f"FSR {summary['fsr']:.3f} ({found}/{len(summary['images'])} images with a face); "
+                 f"prototype from {summary['reference_faces']} reference face(s)")
+    means = ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} -" for n, v in summary["mean_cosine"].items())
+    lines.append(f"mean cosine to the person: {means}")
+    return "\n".join(lines)
+
+
+def read_folder(folder: Path) -> tuple[list[Path], list[torch.Tensor]]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder of images.")
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}.")
+    return files, [_read_image(p) for p in files]
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    """[3,H,W] in [0,1], upright (EXIF), RGB, longer side at most MAX_SIDE."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path.name} could not be read as an image ({err}).") from None
+    img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(
+        img.height, img.width, 3).permute(2, 0, 1).float() / 255
