@@ -1,0 +1,74 @@
+"""Conversions at the door: ComfyUI values <-> engine values. Pure torch, testable without ComfyUI."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+
+def comfy_to_engine(images: Tensor) -> Tensor:
+    """ComfyUI IMAGE [B,H,W,C] float in [0,1] -> engine [B,3,H,W] float32.
+
+    Cloned outside inference mode so the engine may take gradients through it (ComfyUI runs nodes
+    under torch.inference_mode, which makes every tensor it hands over an inference tensor)."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected a ComfyUI IMAGE batch [B,H,W,C], got shape {tuple(images.shape)}.")
+    with torch.inference_mode(False):
+        x = images[..., :3] if images.shape[-1] != 1 else images.expand(*images.shape[:3], 3)
+        return x.permute(0, 3, 1, 2).to(torch.float32).clamp(0, 1).clone().contiguous()
+
+
+def engine_to_comfy(images: Tensor) -> Tensor:
+    """Engine [B,3,H,W] in [0,1] -> ComfyUI IMAGE [B,H,W,3] float32 on the CPU."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected engine images [B,3,H,W], got shape {tuple(images.shape)}.")
+    return images.detach().to("cpu", torch.float32).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+@dataclass
+class IddmLora:
+    """What IDDM Train hands to Load Protected LoRA in the same graph (type IDDM_LORA)."""
+    name: str  # file name in models/loras
+    state: dict[str, Tensor]  # kohya keys
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> dict[str, Any] | None:
+        from comfyui_iddm.lora_io import read_iddm_settings
+        return read_iddm_settings(self.metadata)
+
+    def surrogates(self) -> tuple[str, ...]:
+        """The recognizers Stage II attacked (an evaluation should use another one)."""
+        settings = self.settings or {}
+        return tuple(r for r in settings.get("recognizers") or () if r != "auto")
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
+
+
+def lora_file_name(name: str) -> str:
+    """A LoRA name typed into the node -> a file name inside models/loras (never a path)."""
+    name = name.strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name or "/" in name or "\\" in name or ".." in name or not _SAFE_NAME.match(name):
+        raise ValueError(f"lora_name {name!r} is not a plain file name; use letters, digits, '_', '-' "
+                         "or '.', no folders (the LoRA is always written into models/loras).")
+    return name + ".safetensors"
+
+
+def photo_report(n_used: int, issues: Sequence[Any]) -> str:
+    """The per-photo report ComfyUI keeps in its history: photo numbers and reasons, no file names."""
+    lines = [f"{n_used} photo(s) usable."]
+    for issue in issues:
+        where = f"photo {issue.index + 1}" if issue.index is not None else "one file"
+        lines.append(f"{where}: {issue.reason}")
+    return "\n".join(lines)
+
+
+def figures_json(report: Mapping[str, Any]) -> str:
+    return json.dumps(report, indent=1, sort_keys=True, default=float)

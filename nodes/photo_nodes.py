@@ -1,0 +1,69 @@
+"""IDDM Load Private Photos and IDDM Split Reference / Protection."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from . import spec
+from .convert import comfy_to_engine, engine_to_comfy, photo_report
+from .places import OPTION_SOURCES, photo_folder
+from .schema import build_schema
+
+
+def load_face_detector(choice: str):
+    """None for 'none' (photos already face-centred), else the engine's detector on ComfyUI's device."""
+    if choice == "none":
+        return None
+    import comfy.model_management as mm
+    from comfyui_iddm.faces.detect import load_detector
+    return load_detector(choice, device=mm.get_torch_device())
+
+
+class IDDMLoadPrivatePhotos(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(spec.LOAD_PHOTOS, OPTION_SOURCES)
+
+    @classmethod
+    def execute(cls, folder: str, resolution: int, face_detector: str, images=None) -> io.NodeOutput:
+        from comfyui_iddm.photos import load_photo_folder, photoset_from_images
+
+        detector = load_face_detector(face_detector)
+        if images is not None:
+            photos = photoset_from_images(comfy_to_engine(images), resolution, detector)
+        else:
+            photos = load_photo_folder(photo_folder(folder), resolution, detector)
+        if len(photos) == 0:
+            raise ValueError("no usable photo: " + photo_report(0, photos.issues).replace("\n", "; "))
+        return io.NodeOutput(engine_to_comfy(photos.images), photo_report(len(photos), photos.issues))
+
+
+class IDDMSplitReferenceProtection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(spec.SPLIT, OPTION_SOURCES)
+
+    @classmethod
+    def execute(cls, photos, reference_count: int, mode: str, seed: int) -> io.NodeOutput:
+        from comfyui_iddm.photos import PhotoSet, split_photos
+
+        images = comfy_to_engine(photos)
+        n = images.shape[0]
+        scores = face_scores(images) if mode == "best" else None
+        photo_set = PhotoSet(images, torch.zeros(n, 5, 2), [str(i) for i in range(n)], scores)
+        reference, protection = split_photos(photo_set, reference_count, mode, seed)
+        return io.NodeOutput(engine_to_comfy(reference.images), engine_to_comfy(protection.images))
+
+
+def face_scores(images: torch.Tensor) -> torch.Tensor:
+    """Detector confidence x face size per image (0 where no face is found), for 'best' splits."""
+    from comfyui_iddm.photos import photoset_from_images
+
+    found = photoset_from_images(images, images.shape[-1], load_face_detector("auto"))
+    scores = torch.zeros(images.shape[0])
+    for name, score in zip(found.names, found.scores.tolist()):
+        scores[int(name.rsplit(" ", 1)[-1])] = score
+    return scores
+
+
+NODES = [IDDMLoadPrivatePhotos, IDDMSplitReferenceProtection]

@@ -1,0 +1,63 @@
+"""Where the pack finds things in a ComfyUI installation, and the combo lists built from them."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path, PurePosixPath
+
+import folder_paths
+
+from .spec import LORA_FILES, PHOTO_FOLDERS, RECOGNIZER_CHOICES
+
+RECOGNIZER_FOLDER = "facerecognition"
+RECOGNIZER_EXTENSIONS = {".safetensors", ".onnx", ".dat", ".pth", ".pt"}
+
+
+def register_model_folders() -> None:
+    """models/facerecognition (recognizer weights) and models/insightface (InsightFace packs);
+    extra_model_paths.yaml entries of the same name are kept."""
+    for name in (RECOGNIZER_FOLDER, "insightface"):
+        default = str(Path(folder_paths.models_dir) / name)
+        if name in folder_paths.folder_names_and_paths:
+            folder_paths.add_model_folder_path(name, default)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], RECOGNIZER_EXTENSIONS)
+
+
+def recognizer_dir() -> Path:
+    return Path(folder_paths.get_folder_paths(RECOGNIZER_FOLDER)[0])
+
+
+def loras_dir() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def photo_folder(name: str) -> Path:
+    """A subfolder of ComfyUI's input folder, given by its relative name (never an absolute path,
+    which would travel with every shared workflow and image)."""
+    relative = PurePosixPath(name.replace("\\", "/"))
+    if not name or relative.is_absolute() or ".." in relative.parts or ":" in name:
+        raise ValueError(f"folder {name!r} must be the name of a folder inside ComfyUI's input folder "
+                         f"({folder_paths.get_input_directory()}); put the photos there and pick the "
+                         "folder from the list.")
+    return Path(folder_paths.get_input_directory()) / relative
+
+
+def _photo_folders() -> list[str]:
+    return sorted(folder_paths.get_input_subfolders())
+
+
+def _lora_files() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def _recognizer_choices() -> list[str]:
+    try:
+        from comfyui_iddm.faces.registry import available_recognizers
+        return ["auto", *available_recognizers(recognizer_dir())]
+    except Exception as error:  # the list is a convenience; 'auto' still works at run time
+        logging.info(f"[IDDM] recognizer list unavailable ({error}); offering 'auto' only.")
+        return ["auto"]
+
+
+OPTION_SOURCES = {PHOTO_FOLDERS: _photo_folders, LORA_FILES: _lora_files,
+                  RECOGNIZER_CHOICES: _recognizer_choices}

@@ -1,0 +1,238 @@
+"""What each IDDM node takes and gives, as plain data.
+
+ComfyUI's V3 schema is built from this at load time (nodes/schema.py); CI, which has no ComfyUI,
+validates the shipped workflow files against the same declarations (tests/test_workflows.py).
+Tooltips of the IDDM knobs come from comfyui_iddm.config.KNOBS, the one place they are written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfyui_iddm.config import KNOBS, IDDMConfig
+
+CATEGORY = "IDDM privacy"
+IDDM_LORA = "IDDM_LORA"  # custom type: a trained protected LoRA (weights + name + settings)
+
+# Widget types carry a value in the graph; the rest are sockets (links between nodes).
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+# Combo lists filled from the ComfyUI installation when the schema is built.
+PHOTO_FOLDERS = "photo_folders"  # subfolders of ComfyUI's input directory
+LORA_FILES = "lora_files"  # files in models/loras
+RECOGNIZER_CHOICES = "recognizer_choices"  # "auto" + recognizers whose weights are present
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    type: str
+    tooltip: str = ""
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    options: tuple[str, ...] = ()  # fixed COMBO choices
+    options_from: str | None = None  # COMBO choices found at load time (one of the names above)
+    optional: bool = False
+    multiline: bool = False
+    seed: bool = False  # INT seeds get ComfyUI's "control after generate" widget
+    display_name: str | None = None
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    output_node: bool = False
+    hidden_unique_id: bool = False  # the node needs its own id (to address its web widgets)
+    extra: dict = field(default_factory=dict)
+
+    def input(self, name: str) -> Port:
+        return next(p for p in self.inputs if p.name == name)
+
+
+_DEFAULT = IDDMConfig()
+
+
+def knob(name: str, type_: str, **limits: Any) -> Port:
+    """A widget for an IDDM knob: the default and tooltip come from the engine's config."""
+    default = getattr(_DEFAULT, name)
+    if type_ == "STRING" and isinstance(default, tuple):
+        default = ",".join(str(v) for v in default)
+    spec = KNOBS[name]
+    bounds = {"min": spec.low, "max": spec.high}
+    if spec.low_open and spec.low is not None:
+        bounds["min"] = limits.pop("open_min")
+    bounds.update(limits)
+    if type_ not in ("INT", "FLOAT"):
+        bounds = {k: v for k, v in bounds.items() if k not in ("min", "max")}
+    return Port(name, type_, spec.help, default, **bounds)
+
+
+LOAD_PHOTOS = NodeSpec(
+    node_id="IDDMLoadPrivatePhotos",
+    display_name="IDDM Load Private Photos",
+    description=("Loads the person's photos from a folder inside ComfyUI's input folder (or takes "
+                 "images you connect), turns each upright, finds the face and crops a square around "
+                 "it at the training size. The photos are read in place, never copied anywhere."),
+    inputs=(
+        Port("folder", "COMBO", "Folder of the person's photos, inside ComfyUI's input folder. "
+             "8 or more clear, front-facing photos of one person work best.",
+             options_from=PHOTO_FOLDERS),
+        knob("resolution", "INT", step=8),
+        Port("face_detector", "COMBO", "'auto' finds the face in each photo and crops around it; "
+             "'none' assumes the photos are already face-centred portraits.",
+             "auto", options=("auto", "none")),
+        Port("images", "IMAGE", "Optional: use these images instead of the folder (e.g. from "
+             "Load Image). They are cropped the same way.", optional=True),
+    ),
+    outputs=(
+        Port("photos", "IMAGE", "The face crops, one per usable photo."),
+        Port("report", "STRING", "How many photos were used, and which were skipped and why "
+             "(photos are referred to by their number, not their file name)."),
+    ),
+)
+
+SPLIT = NodeSpec(
+    node_id="IDDMSplitReferenceProtection",
+    display_name="IDDM Split Reference / Protection",
+    description=("Splits the photos into two separate sets: the reference set teaches the model what "
+                 "the person looks like, the protection set is the one IDDM changes so the trained "
+                 "model's portraits are hard to match to the person. The paper uses 4 + 4."),
+    inputs=(
+        Port("photos", "IMAGE", "Face crops from IDDM Load Private Photos."),
+        Port("reference_count", "INT", "How many photos go into the reference set; the rest are "
+             "protected. Both sets must keep at least one photo.", 4, 1, 4096, 1),
+        Port("mode", "COMBO", "Which photos become the reference: 'order' = the first ones, "
+             "'random' = a seeded random choice, 'best' = the clearest, largest faces.",
+             "order", options=("order", "random", "best")),
+        Port("seed", "INT", "Seed of the 'random' split.", 0, 0, 2**63 - 1, seed=True),
+    ),
+    outputs=(
+        Port("reference", "IMAGE", "Reference set Xc."),
+        Port("protection", "IMAGE", "Protection set X0."),
+    ),
+)
+
+TRAIN = NodeSpec(
+    node_id="IDDMTrain",
+    display_name="IDDM Train Protected LoRA",
+    description=("Personalizes the model on the person's photos (a LoRA, like DreamBooth) while "
+                 "nudging the protection photos, within an invisible-to-small budget, so that faces "
+                 "the trained model draws are hard for face recognition to link to the person. "
+                 "Saves the LoRA into models/loras. rho trades privacy (low) against likeness (high)."),
+    inputs=(
+        Port("model", "MODEL", "The diffusion model from Load Checkpoint (SD 1.x / 2.x)."),
+        Port("clip", "CLIP", "The text encoder from Load Checkpoint."),
+        Port("vae", "VAE", "The VAE from Load Checkpoint."),
+        Port("reference", "IMAGE", "Reference set Xc (from the Split node)."),
+        Port("protection", "IMAGE", "Protection set X0 (from the Split node)."),
+        knob("instance_prompt", "STRING"),
+        knob("rho", "FLOAT", step=0.05),
+        knob("eta", "FLOAT", step=0.01),
+        knob("tau", "FLOAT", step=0.01, open_min=0.001),
+        knob("iterations", "INT"),
+        knob("pgd_steps", "INT"),
+        knob("pgd_alpha", "FLOAT", step=0.001, open_min=0.0001),
+        knob("ft_steps", "INT"),
+        knob("lr", "FLOAT", step=1e-5, open_min=1e-7),
+        knob("rank", "INT"),
+        knob("lora_alpha", "FLOAT", step=1.0, open_min=0.01),
+        knob("batch_size", "INT"),
+        knob("stage2_timesteps", "STRING"),
+        knob("recognizers", "STRING"),
+        knob("seed", "INT", seed=True),
+        Port("lora_name", "STRING", "File name of the LoRA in models/loras (no folders). Careful: "
+             "this name travels with every workflow you share, so don't name it after the person.",
+             "iddm_protected"),
+        Port("overwrite", "BOOLEAN", "Replace an existing LoRA of the same name. Off: a name that "
+             "is taken is refused before any training starts.", False),
+        knob("mixed_precision", "COMBO", options=("no", "fp16", "bf16")),
+        Port("face_detector", "COMBO", "'auto' finds the eyes, nose and mouth in each photo (the "
+             "face recognizers need them); 'none' assumes face-centred crops such as IDDM Load "
+             "Private Photos makes with its detector off.", "auto", options=("auto", "none")),
+        Port("class_images", "IMAGE", "Optional: images of other people of the same class for "
+             "prior preservation (keeps the model from drawing everyone as this person).",
+             optional=True),
+        knob("class_prompt", "STRING"),
+        knob("prior_weight", "FLOAT", step=0.1),
+    ),
+    outputs=(
+        Port("lora", IDDM_LORA, "The protected LoRA with its settings, for IDDM Load Protected LoRA "
+             "in the same graph (the file does not exist yet when the graph is checked)."),
+        Port("lora_name", "STRING", "The file name written into models/loras."),
+        Port("decoupled_photos", "IMAGE", "The identity-decoupled protection photos X'. Only saved "
+             "if you connect a save node."),
+        Port("report", "STRING", "Settings and measured figures of the run (JSON)."),
+    ),
+    output_node=True,
+    hidden_unique_id=True,
+)
+
+SIMILARITY = NodeSpec(
+    node_id="IDDMIdentitySimilarity",
+    display_name="IDDM Identity Similarity",
+    description=("Measures how strongly face recognition links the generated images to the person: "
+                 "the cosine similarity of each generated face to the reference photos, and the "
+                 "share of images with a detectable face (FSR). Lower similarity = more private."),
+    inputs=(
+        Port("generated", "IMAGE", "Images the (protected) model generated."),
+        Port("reference", "IMAGE", "The person's reference photos."),
+        Port("recognizer", "COMBO", "Face recognizer that measures. 'auto' picks one that was NOT "
+             "used in training when one is available (an honest, held-out judge).",
+             "auto", options_from=RECOGNIZER_CHOICES),
+        Port("lora", IDDM_LORA, "Optional: the protected LoRA, so 'auto' knows which recognizers "
+             "it was trained against.", optional=True),
+    ),
+    outputs=(
+        Port("fsr", "FLOAT", "Face success rate: share of generated images in which a face is found."),
+        Port("mean_similarity", "FLOAT", "Mean cosine similarity of the generated faces to the "
+             "person (1 = same face; lower = harder to link)."),
+        Port("per_image", "STRING", "Similarity of each generated image (JSON)."),
+        Port("grid", "IMAGE", "The generated images, each labelled with its similarity."),
+    ),
+    output_node=True,
+    hidden_unique_id=True,
+)
+
+LOAD_LORA = NodeSpec(
+    node_id="IDDMLoadProtectedLoRA",
+    display_name="IDDM Load Protected LoRA",
+    description=("Applies a protected LoRA to the model and text encoder, like the stock LoRA loader, "
+                 "and shows the IDDM settings and figures stored in it."),
+    inputs=(
+        Port("model", "MODEL", "The base model the LoRA was trained on."),
+        Port("clip", "CLIP", "The text encoder of that model."),
+        Port("lora_name", "COMBO", "A LoRA file from models/loras. Ignored when the 'lora' input is "
+             "connected.", options_from=LORA_FILES),
+        Port("strength_model", "FLOAT", "How strongly the LoRA changes the diffusion model.",
+             1.0, -100.0, 100.0, 0.01),
+        Port("strength_clip", "FLOAT", "How strongly the LoRA changes the text encoder.",
+             1.0, -100.0, 100.0, 0.01),
+        Port("lora", IDDM_LORA, "Optional: a LoRA just trained by IDDM Train in this graph.",
+             optional=True),
+    ),
+    outputs=(
+        Port("model", "MODEL", "The model with the LoRA applied."),
+        Port("clip", "CLIP", "The text encoder with the LoRA applied."),
+        Port("settings", "STRING", "The IDDM settings and figures stored with the LoRA (JSON)."),
+    ),
+)
+
+ALL_NODES: tuple[NodeSpec, ...] = (LOAD_PHOTOS, SPLIT, TRAIN, SIMILARITY, LOAD_LORA)
+BY_ID = {spec.node_id: spec for spec in ALL_NODES}
+
+
+def train_config_names() -> tuple[str, ...]:
+    """The Train node's inputs that are IDDMConfig fields (everything else is door-only)."""
+    from dataclasses import fields
+    names = {f.name for f in fields(IDDMConfig)}
+    return tuple(p.name for p in TRAIN.inputs if p.name in names)

@@ -1,0 +1,94 @@
+"""IDDM Train Protected LoRA: Algorithm 1 on ComfyUI's own MODEL / CLIP / VAE."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from . import spec
+from .convert import IddmLora, comfy_to_engine, engine_to_comfy, figures_json, lora_file_name
+from .places import OPTION_SOURCES, loras_dir, recognizer_dir
+from .schema import build_schema
+
+
+class IDDMTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(spec.TRAIN, OPTION_SOURCES)
+
+    @classmethod
+    def execute(cls, model, clip, vae, reference, protection, lora_name: str, overwrite: bool,
+                face_detector: str, class_images=None, **knobs) -> io.NodeOutput:
+        import folder_paths
+        from comfyui_iddm.atomic import check_writable
+        from comfyui_iddm.config import IDDMConfig
+        from comfyui_iddm.iddm import Cancelled, total_steps
+        from comfyui_iddm.lora_io import save_lora
+        from comfyui_iddm.photos import photoset_from_images
+
+        from .comfy_denoiser import ComfyDenoiser, training_mode
+        from .photo_nodes import load_face_detector
+        from .progress import ComfyProgress, cancel_requested, raise_if_interrupted
+
+        file_name = lora_file_name(lora_name)
+        path = loras_dir() / file_name
+        check_writable(path, overwrite)  # refuse before any work starts
+        ref, prot = comfy_to_engine(reference), comfy_to_engine(protection)
+        resolution = _square_side(ref, "reference", _square_side(prot, "protection"))
+        config = IDDMConfig(resolution=resolution, **{k: v for k, v in knobs.items()
+                                                      if k in spec.train_config_names()})
+        with training_mode():
+            detector = load_face_detector(face_detector)
+            reference_set = photoset_from_images(ref, resolution, detector)
+            protection_set = photoset_from_images(prot, resolution, detector)
+            _require_all_faces(reference_set, ref.shape[0], "reference")
+            _require_all_faces(protection_set, prot.shape[0], "protection")
+            classes = comfy_to_engine(class_images) if class_images is not None else None
+            denoiser = ComfyDenoiser(model, clip, vae, rank=config.rank, lora_alpha=config.lora_alpha,
+                                     seed=config.seed, mixed_precision=config.mixed_precision)
+            try:
+                from comfyui_iddm.pipeline import train_on_photos
+                result = train_on_photos(
+                    denoiser, reference_set, protection_set, config, weights_dir=recognizer_dir(),
+                    class_images=classes, on_progress=ComfyProgress(cls.hidden.unique_id, total_steps(config)),
+                    should_cancel=cancel_requested)
+            except Cancelled:
+                raise_if_interrupted()
+                raise
+            finally:
+                denoiser.release()
+        save_lora(path, result.lora, result.metadata, overwrite=overwrite)
+        folder_paths.filename_list_cache.pop("loras", None)  # stock loaders list the new file at once
+        logging.info(f"[IDDM] saved protected LoRA {file_name} ({result.report.get('seconds_total')} s)")
+        lora = IddmLora(file_name, result.lora, result.metadata)
+        return io.NodeOutput(lora, file_name, engine_to_comfy(result.decoupled), figures_json(result.report),
+                             ui={"iddm_train": [chart_figures(result.report)]})
+
+
+def chart_figures(report: dict) -> dict:
+    """What the web chart redraws from after a reload: per-iteration figures only."""
+    return {"iterations": [{k: record.get(k, []) for k in ("stage1_loss", "stage2_score", "ft_loss")}
+                           for record in report.get("iterations", [])],
+            "decoupled": report.get("decoupled", {})}
+
+
+def _square_side(images, which: str, expected: int | None = None) -> int:
+    height, width = images.shape[-2:]
+    if height != width or height % 8:
+        raise ValueError(f"the {which} images are {width}x{height}; IDDM Train needs square face crops "
+                         "whose side is a multiple of 8. Load them with IDDM Load Private Photos.")
+    if expected is not None and height != expected:
+        raise ValueError(f"reference images are {height} px but protection images are {expected} px; "
+                         "give both sets the same resolution.")
+    return int(height)
+
+
+def _require_all_faces(photos, count: int, which: str) -> None:
+    if len(photos) != count:
+        reasons = "; ".join(f"photo {i.index + 1 if i.index is not None else '?'}: {i.reason}"
+                            for i in photos.issues)
+        raise ValueError(f"no face found in some {which} photos ({reasons}). Remove them, or set "
+                         "face_detector to 'none' if the photos are already face-centred crops.")
+
+
+NODES = [IDDMTrain]

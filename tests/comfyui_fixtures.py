@@ -1,0 +1,179 @@
+"""A real ComfyUI for integration tests: the tiny SD1.5 checkpoint, the server, HTTP helpers.
+
+Used only when $COMFYUI_PATH points at a ComfyUI checkout (CI has none; those tests skip).
+$COMFYUI_PYTHON is the interpreter that has ComfyUI's requirements (default: this one).
+
+The checkpoint is the smallest one ComfyUI detects as SD1.5 (DESIGN.md): model_channels=320,
+context_dim=768, channel_mult=[1], one res block, and a full-size VAE and CLIP-L. It is built with
+ComfyUI's own module classes (so every key the loader expects is present: a missing tensor would be
+uninitialized memory) and filled with seeded random weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+CHECKPOINT_NAME = "iddm_tiny_sd15.safetensors"
+
+# Runs inside ComfyUI's interpreter with the checkout on sys.path; argv[1] = output file.
+_BUILD_SCRIPT = r'''
+import sys, math, torch
+from safetensors.torch import save_file
+import comfy.cli_args
+comfy.cli_args.args.cpu = True  # build on the CPU whatever the machine has
+import comfy.ops
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.ldm.models.autoencoder import AutoencoderKL
+from comfy.sd1_clip import SDClipModel
+
+ops = comfy.ops.disable_weight_init
+unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+                 channel_mult=(1,), num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+                 transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768,
+                 legacy=False, use_linear_in_transformer=False, operations=ops)
+ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+            "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+clip = SDClipModel()
+
+generator = torch.Generator().manual_seed(0)
+def fill(name, t):
+    # Seeded random weights with sane scales: ComfyUI's ops skip initialisation.
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return t
+    if t.ndim >= 2:
+        fan_in = t[0].numel()
+        std = 0.02 if "embedding" in name else 1.0 / math.sqrt(fan_in)
+        return torch.randn(t.shape, generator=generator) * std
+    if t.ndim == 1 and name.endswith("weight"):  # 1-D weights are norm scales
+        return torch.ones(t.shape)
+    if name.endswith("logit_scale"):
+        return torch.tensor(math.log(100.0))
+    return torch.zeros(t.shape)
+
+state = {}
+for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
+                       ("cond_stage_model.", clip)):
+    for name, tensor in module.state_dict().items():
+        if name.endswith("position_ids"):
+            state[prefix + name] = torch.arange(tensor.shape[-1])[None]
+            continue
+        state[prefix + name] = fill(name, tensor).to(torch.float16).contiguous()
+# SD1.5's own linear schedule, as in the released checkpoints.
+betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+state["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+save_file(state, sys.argv[1])
+print(len(state), "tensors")
+'''
+
+
+def comfyui_path() -> Path | None:
+    value = os.environ.get("COMFYUI_PATH")
+    return Path(value) if value and (Path(value) / "main.py").is_file() else None
+
+
+def comfyui_python() -> str:
+    return os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+
+def comfyui_version(root: Path) -> str:
+    text = (root / "comfyui_version.py").read_text()
+    version = text.split('__version__ = "')[1].split('"')[0]
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return f"{version} ({commit or 'unknown commit'})"
+
+
+def ensure_tiny_checkpoint(root: Path) -> Path:
+    """models/checkpoints/iddm_tiny_sd15.safetensors (built once, ~455 MB fp16)."""
+    path = root / "models" / "checkpoints" / CHECKPOINT_NAME
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp")
+        subprocess.run([comfyui_python(), "-c", _BUILD_SCRIPT, str(tmp)], cwd=root, check=True,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+        tmp.rename(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """`python main.py --cpu --listen 127.0.0.1 --port P` in the background, with its log kept."""
+
+    def __init__(self, root: Path, log_path: Path, port: int | None = None) -> None:
+        self.root, self.log_path = root, log_path
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-auto-launch"], cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early; see {self.log_path}:\n{self.log()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, route: str, payload: dict | None = None):
+        data = json.dumps(payload or {}).encode()
+        request = urllib.request.Request(self.url + route, data=data,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = response.read()
+        except urllib.error.HTTPError as error:
+            raise AssertionError(f"POST {route} -> {error.code}: {error.read().decode()[:3000]}") from None
+        return json.loads(body) if body else None
+
+    def queue(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt, "client_id": "iddm-tests"})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 900.0) -> dict:
+        """The /history entry of a finished prompt (status completed or error)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+
+def status_messages(entry: dict) -> list:
+    return entry.get("status", {}).get("messages", [])
