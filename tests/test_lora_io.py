@@ -1,0 +1,105 @@
+"""kohya key mapping, IDDM metadata (every knob, no identifying data), atomic save/load."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_iddm.atomic import OutputExistsError
+from comfyui_iddm.config import IDDMConfig
+from comfyui_iddm.lora_io import (kohya_to_peft, load_lora, lora_metadata, peft_to_kohya,
+                                  read_iddm_settings, save_lora)
+
+PATHS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+         "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"]
+CONFIG = IDDMConfig(rho=0.1, rank=2, lora_alpha=3.0, recognizers=("mobilefacenet", "dlib_resnet"),
+                    stage2_timesteps=(0, 150), instance_prompt="a photo of sks person")
+
+
+def peft_state() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for path in PATHS:
+        state[path + ".lora_A.weight"] = torch.randn(2, 8, generator=gen)
+        state[path + ".lora_B.weight"] = torch.randn(8, 2, generator=gen)
+    return state
+
+
+def test_peft_and_kohya_keys_round_trip():
+    kohya = peft_to_kohya(peft_state(), lora_alpha=3.0)
+    assert set(kohya) == {
+        f"lora_unet_{stem}{suffix}"
+        for stem in ("down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0",
+                     "mid_block_attentions_0_transformer_blocks_0_attn2_to_k")
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha")}
+    back = kohya_to_peft(kohya, PATHS, lora_alpha=3.0)
+    assert back.keys() == peft_state().keys()
+    assert all(torch.equal(back[k], v) for k, v in peft_state().items())
+
+
+def test_kohya_alpha_is_folded_into_lora_up_when_it_differs():
+    kohya = peft_to_kohya(peft_state(), lora_alpha=6.0)
+    back = kohya_to_peft(kohya, PATHS, lora_alpha=3.0)
+    up = PATHS[0] + ".lora_B.weight"
+    assert torch.allclose(back[up], peft_state()[up] * 2)
+
+
+def test_metadata_has_every_knob_and_nothing_else():
+    meta = lora_metadata(CONFIG, {"seconds_total": 12.5, "decoupled": {"psnr": 33.1, "linf": 0.08}},
+                         base_model_version="sd_v1")
+    knobs = {f"iddm.{f.name}" for f in dataclasses.fields(IDDMConfig)}
+    assert set(meta) == knobs | {"iddm.version", "iddm.figures", "ss_network_dim", "ss_network_alpha",
+                                 "ss_network_module", "ss_base_model_version"}
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["ss_network_dim"] == "2" and float(meta["ss_network_alpha"]) == 3.0
+    assert meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["iddm.figures"])["decoupled"]["psnr"] == 33.1
+    assert "ss_base_model_version" not in lora_metadata(CONFIG, {})
+
+
+def test_metadata_refuses_anything_but_numbers_in_figures():
+    with pytest.raises(ValueError, match="only aggregate numbers"):
+        lora_metadata(CONFIG, {"photos": ["IMG_0001.jpg"]})
+    with pytest.raises(ValueError, match=r"figures\.per_photo\.name"):
+        lora_metadata(CONFIG, {"per_photo": {"name": "/home/me/me.png"}})
+
+
+def test_settings_read_back_into_the_same_config(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, peft_to_kohya(peft_state(), 3.0), lora_metadata(CONFIG, {"ism": 0.4}))
+    state, meta = load_lora(path)
+    settings = read_iddm_settings(meta)
+    assert settings["version"] and settings["figures"] == {"ism": 0.4}
+    knobs = {k: v for k, v in settings.items() if k not in ("version", "figures")}
+    assert IDDMConfig.from_dict(knobs) == CONFIG
+    assert all(torch.equal(state[k], v) for k, v in peft_to_kohya(peft_state(), 3.0).items())
+    assert read_iddm_settings({"ss_network_dim": "4"}) is None
+    assert read_iddm_settings(None) is None
+
+
+def test_save_refuses_an_existing_file_unless_overwrite(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    state = peft_to_kohya(peft_state(), 3.0)
+    save_lora(path, state, {})
+    with pytest.raises(OutputExistsError, match="overwrit"):
+        save_lora(path, state, {"x": "1"})
+    assert load_lora(path)[1] == {}
+    save_lora(path, state, {"x": "1"}, overwrite=True)
+    assert load_lora(path)[1] == {"x": "1"}
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]  # no temp files left
+
+
+def test_load_refuses_files_that_are_not_loras(tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.out.weight": torch.zeros(2)}, str(checkpoint))
+    with pytest.raises(ValueError, match=r"model\.safetensors holds no LoRA weights"):
+        load_lora(checkpoint)
+    text = tmp_path / "fake.safetensors"
+    text.write_text("not a tensor file")
+    with pytest.raises(ValueError, match=r"fake\.safetensors is not a readable \.safetensors"):
+        load_lora(text)
+    with pytest.raises(FileNotFoundError):
+        load_lora(tmp_path / "absent.safetensors")
