@@ -79,8 +79,11 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
                       state_dir=state_dir)
     identity = identity_before_after(recognizers, roles, reference, protection, result.decoupled, config.tau)
     report = build_report(config, reference, protection, result, identity)
+    # Metadata holds numbers only (lora_io refuses text), so the recognizer names become keys.
     figures = {"decoupled": report["decoupled"], "seconds_total": report["seconds_total"],
-               "identity": identity}
+               "identity": {role: {row["recognizer"]: {"before": row["before"], "after": row["after"]}
+                                   for row in identity if row["role"] == role}
+                            for role in ("surrogate", "held-out")}}
     return TrainOutput(result.lora, lora_metadata(config, figures), result.decoupled, report)
 
 
