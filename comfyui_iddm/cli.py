@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .config import KNOBS, PRESETS, ConfigError, IDDMConfig
+
+# Sub-commands beside `train`, each a module in commands/ with add_parser(subparsers).
+COMMANDS = ("similarity",)
 
 # CLI flag names that differ from the shared knob names (DESIGN.md: `--alpha` is PGD's α).
 FLAG_NAMES = {"pgd_alpha": "alpha"}
@@ -123,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "portraits it generates are hard to link to you by face recognition."))
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
+    for command in COMMANDS:
+        importlib.import_module(f".commands.{command}", __package__).add_parser(subparsers)
     return parser
 
 
