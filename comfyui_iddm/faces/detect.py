@@ -81,8 +81,6 @@ class SCRFDDetector:
     """InsightFace's SCRFD (det_10g.onnx): anchor-free boxes and 5 keypoints at strides 8/16/32."""
 
     name = "scrfd"
-    strides = (8, 16, 32)
-    anchors_per_cell = 2
 
     def __init__(self, model_path: Path, input_size: int = 640, score_threshold: float = 0.5,
                  nms_threshold: float = 0.4) -> None:
@@ -112,29 +110,38 @@ class SCRFDDetector:
         canvas[:, :, :new_h, :new_w] = resized.clamp(0, 1)
         blob = ((canvas * 255 - 127.5) / 128.0).numpy().astype(np.float32)
         outputs = self._session.run(None, {self._input_name: blob})
-        return self._decode(outputs, scale)
+        faces = decode_scrfd(outputs, self.input_size, self.score_threshold, self.nms_threshold)
+        for face in faces:  # back to the photo's pixels
+            face.box = tuple(v / scale for v in face.box)
+            face.landmarks = face.landmarks / scale
+        return faces
 
-    def _decode(self, outputs: Sequence[np.ndarray], scale: float) -> list[FaceDetection]:
-        levels = len(self.strides)
-        if len(outputs) != 3 * levels:
-            raise ValueError(f"this SCRFD model has {len(outputs)} outputs; expected {3 * levels} "
-                             "(scores, boxes and 5 keypoints at 3 strides, as det_10g.onnx has).")
-        scores, boxes, keypoints = [], [], []
-        for level, stride in enumerate(self.strides):
-            cells = self.input_size // stride
-            ys, xs = np.mgrid[:cells, :cells]
-            centres = np.repeat(np.stack([xs, ys], -1).reshape(-1, 2) * stride, self.anchors_per_cell, 0)
-            score = outputs[level].reshape(-1)
-            dist = outputs[level + levels].reshape(-1, 4) * stride
-            kps = outputs[level + 2 * levels].reshape(-1, 10) * stride
-            keep = score >= self.score_threshold
-            c = centres[keep].astype(np.float32)
-            scores.append(score[keep])
-            boxes.append(np.concatenate([c - dist[keep][:, :2], c + dist[keep][:, 2:]], axis=1))
-            keypoints.append((c[:, None, :] + kps[keep].reshape(-1, 5, 2)))
-        score, box, kps = (np.concatenate(v) for v in (scores, boxes, keypoints))
-        order = _nms(box, score, self.nms_threshold)
-        return _detections(box[order] / scale, score[order], kps[order] / scale)
+
+def decode_scrfd(outputs: Sequence[np.ndarray], input_size: int, score_threshold: float,
+                 nms_threshold: float, strides: Sequence[int] = (8, 16, 32),
+                 anchors_per_cell: int = 2) -> list[FaceDetection]:
+    """SCRFD's raw outputs (scores, box distances, keypoint offsets per stride, in units of the
+    stride, anchors at cell corners) -> detections in input pixels, best first, after NMS."""
+    levels = len(strides)
+    if len(outputs) != 3 * levels:
+        raise ValueError(f"this SCRFD model has {len(outputs)} outputs; expected {3 * levels} "
+                         "(scores, boxes and 5 keypoints at 3 strides, as det_10g.onnx has).")
+    scores, boxes, keypoints = [], [], []
+    for level, stride in enumerate(strides):
+        cells = input_size // stride
+        ys, xs = np.mgrid[:cells, :cells]
+        centres = np.repeat(np.stack([xs, ys], -1).reshape(-1, 2) * stride, anchors_per_cell, 0)
+        score = np.asarray(outputs[level]).reshape(-1)
+        dist = np.asarray(outputs[level + levels]).reshape(-1, 4) * stride
+        kps = np.asarray(outputs[level + 2 * levels]).reshape(-1, 10) * stride
+        keep = score >= score_threshold
+        c = centres[keep].astype(np.float32)
+        scores.append(score[keep])
+        boxes.append(np.concatenate([c - dist[keep][:, :2], c + dist[keep][:, 2:]], axis=1))
+        keypoints.append(c[:, None, :] + kps[keep].reshape(-1, 5, 2))
+    score, box, kps = (np.concatenate(v) for v in (scores, boxes, keypoints))
+    order = _nms(box, score, nms_threshold)
+    return _detections(box[order], score[order], kps[order])
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
