@@ -1,7 +1,9 @@
 """The diffusers Denoiser adapter on the built-in tiny model: port conformance, exact codec, noise
-schedule algebra, frozen base + seeded LoRA, kohya keys ComfyUI maps, LoRA round trip, loading errors."""
+schedule algebra, frozen base + seeded LoRA, kohya keys ComfyUI maps, LoRA round trip, loading errors;
+then random SD-shaped diffusers folders and (with ComfyUI) a single-file checkpoint."""
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -286,3 +288,58 @@ def test_a_diffusers_folder_loads_and_trains(tmp_path, prediction_type):
     assert state and all(k.startswith("lora_unet_") and "_attn" in k for k in state)
     assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith(".lora_up.weight"))
     assert not any(p.requires_grad for p in d.codec.vae.parameters())
+
+
+def write_sd15_config_folder(root, unet_config: dict) -> None:
+    """A diffusers config folder without weights (what --config-dir takes): SD1.5's VAE and CLIP-L
+    shapes, the given UNet config, SD's scheduler, a byte-level CLIP tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    def dump(sub: str, name: str, values: dict) -> None:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / "config.json").write_text(json.dumps({"_class_name": name, **values}))
+
+    dump("unet", "UNet2DConditionModel", unet_config)
+    dump("vae", "AutoencoderKL", {
+        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+        "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 512, "scaling_factor": 0.18215})
+    CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                   projection_dim=768, hidden_act="quick_gelu").save_pretrained(root / "text_encoder")
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars]
+                                        + ["<|startoftext|>", "<|endoftext|>"])}
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(root / "tokenizer")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None]}))
+
+
+@pytest.mark.slow
+@pytest.mark.comfyui
+def test_a_single_file_sd15_checkpoint_loads_offline_with_a_config_folder(tmp_path):
+    """The random SD1.5 single file the ComfyUI tests build (channel_mult [1], one res block)."""
+    from comfyui_fixtures import comfyui_path, ensure_tiny_checkpoint
+
+    root = comfyui_path()
+    if root is None:
+        pytest.skip("needs $COMFYUI_PATH (the tiny SD1.5 checkpoint is built with ComfyUI's modules)")
+    checkpoint = ensure_tiny_checkpoint(root)
+    write_sd15_config_folder(tmp_path, {
+        "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": [320], "down_block_types": ["CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D"], "cross_attention_dim": 768, "attention_head_dim": 8})
+    d = load_denoiser(str(checkpoint), CONFIG, config_dir=str(tmp_path))
+    assert d.base_model_version == "sd_v1" and d.prediction_type == "epsilon"
+    z0 = d.encode(images(1, 64))
+    cond = d.encode_prompt([PROMPT])
+    assert z0.shape == (1, 4, 8, 8) and cond.shape == (1, 77, 768)
+    t = torch.tensor([10])
+    assert torch.isfinite(d.predict(d.add_noise(z0, torch.randn_like(z0), t), t, cond)).all()
+    assert all(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn")
+               or k.startswith(("lora_unet_mid_block_", "lora_unet_up_blocks_0_")) for k in d.lora_state_dict())
