@@ -13,6 +13,8 @@ Everything here is CPU-only, built in code and downloads nothing. Other test mod
 - `tiny_config(**changes)`: the smallest sensible IDDMConfig (64 px, 1 iteration, few steps).
 - `insightface_t1()`: path of insightface's t1.jpg (six real faces), skips when not installed;
   fixture `mtcnn`: facenet-pytorch's MTCNN detector (real weights from its wheel), skips if absent.
+- `train_argv(photos, out, *extra)`: fast `iddm train` arguments; `run_cli_here(argv)` runs
+  them in-process -> (code, out, err); `files_under(folder)` lists what a run left behind.
 - `run_cli(args, ...)`: `python -m comfyui_iddm.cli` in a child process with the test recognizer
   registered; returns the CompletedProcess (or the Popen with `wait=False`).
 
@@ -177,3 +179,37 @@ def run_cli(args: Sequence[str], *, cwd: Path | None = None, wait: bool = True, 
         return subprocess.Popen(command, cwd=cwd, env=child_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- fast `iddm train` arguments ------------------------------------------------------------------
+FAST_TRAIN_FLAGS = ("--base", "tiny", "--detector", "none", "--resolution", "64", "--iterations", "2",
+                    "--ft-steps", "2", "--pgd-steps", "4", "--rho", "0.5", "--recognizers", TEST_RECOGNIZER,
+                    "--evaluators", TEST_RECOGNIZER)
+
+
+def train_argv(photos_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`iddm train` arguments for a seconds-long run on the tiny model and the test recognizer;
+    `extra` flags come last, so they override the defaults."""
+    return ["train", str(photos_dir), "--out", str(out), *FAST_TRAIN_FLAGS, *map(str, extra)]
+
+
+def run_cli_here(argv: Sequence[str]) -> tuple[int, str, str]:
+    """`iddm ARGV` in this process: (exit code, stdout, stderr); argparse's exits count too."""
+    import contextlib
+    import io
+
+    from comfyui_iddm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def files_under(folder: Path) -> set[str]:
+    """Every file and folder below `folder` (hidden ones included), as relative paths."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
