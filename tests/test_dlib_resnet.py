@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +330,63 @@ def test_template_alignment_reproduces_dlibs_chip_embedding(dlib_tools, real_fac
           f"best other person {(sims - 2 * torch.eye(len(sims))).max():.4f}")
     assert own.mean() > 0.97 and own.min() > 0.93
     assert torch.equal(sims.argmax(dim=1), torch.arange(len(sims))), "each face must be closest to its own chip"
+
+
+def _shared_mobilefacenet_dir() -> Path | None:
+    env = os.environ.get("IDDM_SHARED_WEIGHTS")
+    for folder in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "weights"]:
+        folder = folder.parent if folder.is_file() else folder
+        if (folder / "mobilefacenet.safetensors").is_file():
+            return folder
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.realfaces
+def test_stage2_pgd_with_dlib_as_only_surrogate_lowers_its_similarity(real_faces, ours):
+    """Stage II in miniature: signed steps on face photos against dlib_resnet alone (paper alpha/eta)."""
+    pytest.importorskip("facenet_pytorch", reason="MTCNN needs facenet-pytorch (pip install --no-deps)")
+    import torch.nn.functional as F
+
+    from comfyui_iddm.faces.detect import MTCNNDetector, landmarks_tensor
+    from comfyui_iddm.faces.ensemble import embed_faces, identity_prototype
+    from comfyui_iddm.faces.registry import load_recognizers
+    from comfyui_iddm.pgd import signed_step
+
+    crops = []
+    for face in real_faces[:3]:  # face-centred square crops, 192 px
+        d, image = face["det"], torch.from_numpy(face["image"]).permute(2, 0, 1).float() / 255
+        cx, cy, half = (d.left() + d.right()) // 2, (d.top() + d.bottom()) // 2, d.width()
+        padded = F.pad(image, (half, half, half, half), mode="replicate")
+        crop = padded[:, cy: cy + 2 * half, cx: cx + 2 * half]
+        crops.append(F.interpolate(crop[None], size=192, mode="bilinear", antialias=True)[0])
+    photos = torch.stack(crops).clamp(0, 1)
+    landmarks = landmarks_tensor(MTCNNDetector().detect(photos))
+    recognizers = [ours]
+    held_out = _shared_mobilefacenet_dir()
+    if held_out is not None:
+        recognizers += load_recognizers(["mobilefacenet"], held_out)
+
+    def prototype(recognizer, i):  # the person's reference views: mirrored and colour-shifted photo
+        x, lm = photos[i:i + 1], landmarks[i:i + 1].clone()
+        lm_mirror = lm.clone()
+        lm_mirror[..., 0] = x.shape[-1] - 1 - lm_mirror[..., 0]
+        views = torch.cat([x.flip(-1), (x ** 0.85 * torch.tensor([1.06, 0.97, 0.92]).view(1, 3, 1, 1)).clamp(0, 1)])
+        return identity_prototype(recognizer, views, torch.cat([lm_mirror[:, [1, 0, 2, 4, 3]], lm]))
+
+    prototypes = [torch.stack([prototype(r, i) for i in range(len(photos))]) for r in recognizers]
+
+    def similarity(x, m):
+        return (embed_faces(recognizers[m], x, landmarks) * prototypes[m]).sum(1)
+
+    before = [similarity(photos, m).detach() for m in range(len(recognizers))]
+    x = photos.clone()
+    for _ in range(12):
+        x.requires_grad_(True)
+        x = signed_step(x, similarity(x, 0).sum(), photos, alpha=0.008, eta=0.08)
+    after = [similarity(x, m).detach() for m in range(len(recognizers))]
+    print("\n" + "; ".join(f"{r.name}: {b.mean():.3f} -> {a.mean():.3f}" for r, b, a in zip(recognizers, before, after)))
+    assert (x - photos).abs().max() <= 0.08 + 1e-6
+    assert before[0].min() > 0.95 and (before[0] - after[0]).min() > 0.2
+    if held_out is not None:  # transfer to a held-out recognizer: reported, and it must at least move down
+        assert after[1].mean() < before[1].mean() - 0.05
