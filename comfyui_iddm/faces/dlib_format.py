@@ -17,6 +17,10 @@ add_layer (version, subnet, then its layer details and bookkeeping), add_tag_lay
 (version 1, subnet; their tag ids are compile-time and are not stored). The innermost add_layer
 holds the input layer instead of a subnet. So the file starts with a run of versions (one per
 wrapper), then the input layer, then each add_layer's details from the input outward.
+
+Supported: add_layer records of version 2 (dlib 19.x; version 1, from older dlib, would be
+indistinguishable from a tag/skip record), the layer types of dlib's face-recognition ResNet,
+and its metric loss. Anything else is a DlibFormatError naming what was found and where.
 """
 from __future__ import annotations
 
@@ -226,7 +230,7 @@ def _input_layer(s: _Stream) -> DlibLayer:
     attrs = {"avg_red": s.real(), "avg_green": s.real(), "avg_blue": s.real()}
     if version == "input_rgb_image_sized":
         attrs["nr"], attrs["nc"] = s.integer(signed=False), s.integer(signed=False)
-    return DlibLayer("input_rgb_image_sized" if "nr" in attrs else "input_rgb_image", version, attrs)
+    return DlibLayer(version, version, attrs)
 
 
 def _add_layer_trailer(s: _Stream, version: int, on_input: bool) -> None:
