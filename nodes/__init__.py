@@ -6,4 +6,4 @@ take the others down. spec.py and convert.py import no ComfyUI code, for tests w
 """
 
 # Module name -> what it provides; imported in this order by the pack's __init__.py.
-NODE_MODULES = ("photo_nodes", "train_node", "similarity_node", "lora_node")
+NODE_MODULES = ("photo_nodes", "train_node", "similarity_node", "lora_node", "save_public_image")

@@ -1,0 +1,454 @@
+"""Does a file about to be published carry traces of the private photos?
+
+Reads the metadata of PNG (tEXt / zTXt / iTXt / eXIf and ComfyUI's animated-PNG `comf` chunks),
+JPEG (EXIF, XMP, comments, other APP segments) and WebP (EXIF, XMP) images, and workflow JSON
+files (ComfyUI's UI and API formats, also nested, e.g. the `prompt` and `workflow` that the stock
+Save Image node embeds, or a /history dump). Reports:
+- absolute paths, paths in home folders (they name the account), `~` paths;
+- photo file names (IMG_1234.jpg, anything.png, ...);
+- the folder of IDDM Load Private Photos (its name is published with the graph);
+- LoRA names (IDDM Train, IDDM Load Protected LoRA, LoRA loaders) that are not the neutral
+  iddm_<date>_<id>;
+- GPS positions and owner/author tags in EXIF.
+Image formats are recognised by their first bytes, not their file names. Nothing is written.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from .private_root import is_neutral_lora_name
+
+KINDS = {
+    "home_dir": "a path inside a home folder: it names the account on your computer",
+    "absolute_path": "an absolute path: it shows where your files are kept",
+    "photo_file_name": "a photo file name: it can identify a photo of the person",
+    "private_folder": "the folder of the private photos: its name is published with the graph; make "
+                      "sure it names nobody",
+    "lora_name": "a LoRA name other than the neutral iddm_<date>_<id>: LoRA names travel with the "
+                 "graph and often name the person",
+    "gps_location": "a GPS position: it tells where the photo was taken",
+    "personal_tag": "an author, owner or camera-serial tag",
+}
+AUDITED_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".json"}
+# Decompressed text chunks are read up to this size (a hostile file cannot exhaust memory).
+MAX_TEXT_BYTES = 64 * 1024 * 1024
+
+# UI-format workflows store widget values by position. Positions of the sensitive widgets of the
+# IDDM nodes (tests/test_audit.py checks them against nodes/spec.py).
+UI_SENSITIVE_WIDGETS = {"IDDMLoadPrivatePhotos": {0: "folder"}, "IDDMTrain": {16: "lora_name"}}
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class Finding:
+    where: str  # e.g. "PNG tEXt 'prompt' > node 2 (IDDMLoadPrivatePhotos).folder"
+    kind: str  # a key of KINDS
+    value: str
+    file: str = ""  # the audited file, as given (shown on the user's own terminal only)
+
+    @property
+    def why(self) -> str:
+        return KINDS[self.kind]
+
+
+@dataclass
+class AuditResult:
+    files_checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings and not self.skipped
+
+
+# --------------------------------------------------------------------------------- entry points
+
+def audit(path: Path) -> AuditResult:
+    """Audit one file, or every PNG/JPEG/WebP/JSON file under a folder (hidden ones left out)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDITED_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    result = AuditResult()
+    for file in files:
+        try:
+            found = audit_bytes(file.read_bytes())
+        except (ValueError, OSError) as error:
+            result.skipped.append((str(file), str(error)))
+            continue
+        result.files_checked += 1
+        result.findings.extend(replace(f, file=str(file)) for f in found)
+    return result
+
+
+def audit_bytes(data: bytes) -> list[Finding]:
+    """Findings in one file's content: an image's metadata, or a JSON/text document."""
+    findings = []
+    for where, payload in _container_items(data):
+        if isinstance(payload, bytes):  # an EXIF block
+            findings.extend(exif_findings(payload, where))
+        else:
+            findings.extend(scan_text(payload, where))
+    return findings
+
+
+def metadata_items(data: bytes) -> list[tuple[str, str]]:
+    """(where, text) for every piece of text metadata in a PNG/JPEG/WebP image (EXIF values one by
+    one), or the whole document for JSON/text files. ValueError for anything else."""
+    items = []
+    for where, payload in _container_items(data):
+        items.extend(_exif_items(payload, where) if isinstance(payload, bytes) else [(where, payload)])
+    return items
+
+
+def _container_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
+    """(where, text) or (where, EXIF block as bytes) in file order."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png_items(data)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_items(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_items(data)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError("not a PNG, JPEG or WebP image, nor a UTF-8 text/JSON file") from None
+    return iter([("file", text)])
+
+
+# --------------------------------------------------------------------------------- image containers
+
+_PNG_SILENT = {b"IHDR", b"PLTE", b"IDAT", b"pHYs", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"bKGD",
+               b"tRNS", b"sBIT", b"hIST", b"sPLT", b"acTL", b"fcTL", b"fdAT", b"tIME", b"cICP",
+               b"mDCv", b"cLLi"}
+
+
+def _png_items(data: bytes) -> Iterator[tuple[str, str]]:
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        name = kind.decode("latin-1")
+        if kind == b"IEND":
+            return
+        if kind in (b"tEXt", b"comf"):
+            key, _, text = body.partition(b"\0")
+            yield f"PNG {name} '{key.decode('latin-1')}'", text.decode("latin-1")
+        elif kind == b"zTXt":
+            key, _, rest = body.partition(b"\0")
+            yield f"PNG zTXt '{key.decode('latin-1')}'", _inflate(rest[1:]).decode("latin-1")
+        elif kind == b"iTXt":
+            key, _, rest = body.partition(b"\0")
+            compressed = rest[:1] == b"\x01"
+            _lang, _, rest = rest[2:].partition(b"\0")
+            _translated, _, text = rest.partition(b"\0")
+            text = _inflate(text) if compressed else text
+            yield f"PNG iTXt '{key.decode('latin-1')}'", text.decode("utf-8", "replace")
+        elif kind == b"eXIf":
+            yield "PNG eXIf", body
+        elif kind not in _PNG_SILENT:  # private chunks may hold anything: read their text
+            yield from _strings_item(body, f"PNG chunk '{name}'")
+
+
+def _jpeg_items(data: bytes) -> Iterator[tuple[str, str]]:
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of the compressed data: no more metadata
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        body = data[pos + 4:pos + 2 + length]
+        pos += 2 + length
+        if marker == 0xFE:
+            yield "JPEG comment", body.decode("utf-8", "replace")
+        elif marker == 0xE1 and body.startswith(b"Exif\0"):
+            yield "JPEG EXIF", body[6:]
+        elif marker == 0xE1 and body.startswith(b"http://ns.adobe.com/xap/1.0/\0"):
+            yield "JPEG XMP", body.split(b"\0", 1)[1].decode("utf-8", "replace")
+        elif marker == 0xE1 and body.startswith(b"http://ns.adobe.com/xmp/extension/\0"):
+            yield "JPEG extended XMP", body[35 + 40:].decode("utf-8", "replace")
+        elif marker == 0xE0 and body.startswith((b"JFIF\0", b"JFXX\0")):
+            continue
+        elif marker == 0xE2 and body.startswith(b"ICC_PROFILE\0"):
+            continue
+        elif 0xE0 <= marker <= 0xEF:  # other APPn (IPTC in APP13, maker data): read their text
+            yield from _strings_item(body, f"JPEG APP{marker - 0xE0}")
+
+
+def _webp_items(data: bytes) -> Iterator[tuple[str, str]]:
+    pos = 12
+    while pos + 8 <= len(data):
+        kind, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + size]
+        pos += 8 + size + (size & 1)
+        if kind == b"EXIF":
+            yield "WebP EXIF", body[6:] if body.startswith(b"Exif\0") else body
+        elif kind == b"XMP ":
+            yield "WebP XMP", body.decode("utf-8", "replace")
+        elif kind not in (b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF", b"ICCP"):
+            yield from _strings_item(body, f"WebP chunk '{kind.decode('latin-1')}'")
+
+
+def _inflate(data: bytes) -> bytes:
+    try:
+        return zlib.decompressobj().decompress(data, MAX_TEXT_BYTES)
+    except zlib.error:
+        return data  # damaged: its raw bytes may still show readable text
+
+
+def _strings_item(data: bytes, where: str) -> Iterator[tuple[str, str]]:
+    """Runs of 6+ printable characters, like `strings`: text hidden in unknown binary blocks."""
+    runs = re.findall(rb"[\x20-\x7e]{6,}", data)
+    if runs:
+        yield where, "\n".join(r.decode("ascii") for r in runs)
+
+
+# --------------------------------------------------------------------------------- EXIF
+
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_USER_COMMENT, _MAKER_NOTE = 0x9286, 0x927C
+_XP_TAGS = range(0x9C9B, 0x9CA0)  # Windows XPTitle/Comment/Author/Keywords/Subject (UTF-16)
+_PERSONAL_TAGS = {0x013B: "Artist", 0x9C9D: "XPAuthor", 0xA430: "CameraOwnerName",
+                  0xA431: "BodySerialNumber"}
+
+
+def _load_exif(tiff: bytes):
+    from PIL import Image
+    exif = Image.Exif()
+    exif.load(tiff)
+    return exif
+
+
+def _exif_values(tiff: bytes) -> Iterator[tuple[int, Any]]:
+    exif = _load_exif(tiff)
+    yield from exif.items()
+    yield from exif.get_ifd(_EXIF_IFD).items()
+
+
+def _exif_items(tiff: bytes, where: str) -> Iterator[tuple[str, str]]:
+    from PIL.ExifTags import TAGS
+    try:
+        values = list(_exif_values(tiff))
+    except Exception:  # malformed EXIF: fall back to its readable bytes
+        yield from _strings_item(tiff, where)
+        return
+    for tag, value in values:
+        text = _exif_text(tag, value)
+        if text:
+            yield f"{where} {TAGS.get(tag, hex(tag))}", text
+
+
+def _exif_text(tag: int, value: Any) -> str | None:
+    if tag == _MAKER_NOTE:
+        return None  # camera-private binary
+    if isinstance(value, tuple) and value and all(isinstance(v, int) and 0 <= v < 256 for v in value):
+        value = bytes(value)
+    if isinstance(value, str):
+        return value.strip("\0 ")
+    if not isinstance(value, bytes):
+        return None
+    if tag in _XP_TAGS:
+        return value.decode("utf-16-le", "replace").strip("\0 ")
+    if tag == _USER_COMMENT:
+        charset, body = value[:8], value[8:]
+        encoding = "utf-16" if charset.startswith(b"UNICODE") else "latin-1"
+        return body.decode(encoding, "replace").strip("\0 ")
+    return value.decode("latin-1").strip("\0 ") if value.isascii() else None
+
+
+def exif_findings(tiff: bytes, where: str) -> list[Finding]:
+    """Paths and names in an EXIF block's text values, plus GPS positions and author/owner/serial
+    tags (reported because of the tag itself, whatever its value)."""
+    findings = [hit for at, text in _exif_items(tiff, where) for hit in scan_text(text, at)]
+    try:
+        exif = _load_exif(tiff)
+        gps = exif.get_ifd(_GPS_IFD)
+        tags = {**dict(exif.items()), **dict(exif.get_ifd(_EXIF_IFD).items())}
+    except Exception:
+        return findings
+    if gps.get(2) and gps.get(4):
+        findings.append(Finding(f"{where} GPS", "gps_location",
+                                f"{_degrees(gps[2], gps.get(1))}, {_degrees(gps[4], gps.get(3))}"))
+    for tag, name in _PERSONAL_TAGS.items():
+        text = _exif_text(tag, tags.get(tag))
+        if text:
+            findings.append(Finding(f"{where} {name}", "personal_tag", text))
+    return findings
+
+
+def _degrees(dms, ref) -> str:
+    try:
+        value = float(dms[0]) + float(dms[1]) / 60 + float(dms[2]) / 3600
+    except (TypeError, ValueError, IndexError, ZeroDivisionError):
+        return str(dms)
+    return f"{value:.5f}{ref or ''}"
+
+
+
+# --------------------------------------------------------------------------------- text and JSON
+
+_WINDOWS_PATH = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]:[\\/][^\s\"'<>|*?]*|\\\\[^\s\\\"'<>|*?]+\\[^\s\"'<>|*?]*")
+_POSIX_PATH = re.compile(r"(?<![\w.~:/\\-])/(?:[^\s/\\\"'<>|*?:]+/)+[^\s/\\\"'<>|*?:]*")
+_TILDE_PATH = re.compile(r"(?<![\w/\\])~[\w.-]*[\\/][^\s\"'<>|*?]*")
+_FILE_URL = re.compile(r"file://[^\s\"'<>]+", re.I)
+_OTHER_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s\"'<>]*", re.I)
+_PHOTO_NAME = re.compile(
+    r"(?<![\w.-])[\w][\w.()+,&'-]*\.(?:jpe?g|jpe|jfif|png|webp|heic|heif|avif|tiff?|bmp|gif|dng|cr2|"
+    r"cr3|nef|arw|orf|rw2|raf)(?![\w])|\b(?:IMG|DSC[NF]?|PXL|MVIMG|VID)[_-]?\d{3,}[\w-]*", re.I)
+_HOME = [re.compile(p, re.I) for p in (
+    r"^(?:/var)?/home/([^/]+)", r"^/Users/([^/]+)", r"^/mnt/[a-z]/Users/([^/]+)",
+    r"^[a-z]:/(?:Users|Documents and Settings)/([^/]+)", r"^/(root)(?:/|$)", r"^~([^/]*)")]
+
+
+def home_user(path: str) -> str | None:
+    """The account a path belongs to ('' for ~), or None if it is not in a home folder."""
+    normal = path.replace("\\", "/")
+    if normal.lower().startswith("file://"):
+        normal = normal[7:]
+    for pattern in _HOME:
+        match = pattern.match(normal)
+        if match:
+            return match.group(1)
+    return None
+
+
+def scan_string(text: str, where: str) -> list[Finding]:
+    """Paths and photo file names in one piece of free text."""
+    findings, spans = [], []
+    without_urls = _OTHER_URL.sub(lambda m: m.group(0) if m.group(0).lower().startswith("file:")
+                                  else " " * len(m.group(0)), text)
+    for pattern in (_FILE_URL, _WINDOWS_PATH, _TILDE_PATH, _POSIX_PATH):
+        for match in pattern.finditer(without_urls):
+            if any(s <= match.start() < e for s, e in spans):
+                continue
+            spans.append(match.span())
+            value = match.group(0).rstrip(".,;)")
+            kind = "home_dir" if home_user(value) is not None else "absolute_path"
+            findings.append(Finding(where, kind, value))
+    for match in _PHOTO_NAME.finditer(without_urls):
+        if not any(s <= match.start() < e for s, e in spans):
+            findings.append(Finding(where, "photo_file_name", match.group(0)))
+    return findings
+
+
+def scan_text(text: str, where: str) -> list[Finding]:
+    """A metadata text: JSON (workflows, nested ones too) is read as JSON, anything else as free text."""
+    document = _as_json(text)
+    if document is None:
+        return scan_string(text, where)
+    special = {}
+    _find_graphs(document, (), special)
+    findings: list[Finding] = []
+    _walk(document, (), where, special, findings)
+    return findings
+
+
+def _as_json(text: str) -> Any | None:
+    stripped = text.strip()
+    # ComfyUI's WebP EXIF values read "prompt:{...}" / "workflow:{...}".
+    prefix = re.match(r"^\w{1,40}:(?=[{\[])", stripped)
+    if prefix:
+        stripped = stripped[prefix.end():]
+    if not stripped.startswith(("{", "[")):
+        return None
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        return None
+
+
+def _walk(node: Any, path: tuple, where: str, special: dict, findings: list[Finding]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _walk(value, path + (key,), where, special, findings)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _walk(value, path + (index,), where, special, findings)
+    elif isinstance(node, str):
+        nested = _as_json(node)  # JSON inside a string (e.g. a report or an embedded workflow)
+        label = f"{where} > {special[path][1]}" if path in special else _label(where, path)
+        if nested is not None and not isinstance(nested, (int, float)):
+            findings.extend(scan_text(node, label))
+            return
+        hits = scan_string(node, label)
+        if not hits and path in special and special[path][0] is not None:
+            hits = [Finding(label, special[path][0], node)]
+        findings.extend(hits)
+
+
+def _label(where: str, path: tuple) -> str:
+    return where + "".join(f" > {p}" for p in path)
+
+
+def _find_graphs(node: Any, path: tuple, special: dict) -> None:
+    """Mark the sensitive values of workflow graphs anywhere in a JSON document:
+    special[path] = (kind or None, readable location)."""
+    if isinstance(node, dict):
+        if _is_api_graph(node):
+            _mark_api(node, path, special)
+        if isinstance(node.get("nodes"), list):
+            _mark_ui(node["nodes"], path + ("nodes",), special)
+        for key, value in node.items():
+            _find_graphs(value, path + (key,), special)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _find_graphs(value, path + (index,), special)
+
+
+def _is_api_graph(node: dict) -> bool:
+    return bool(node) and all(isinstance(v, dict) and "class_type" in v and isinstance(v.get("inputs"), dict)
+                              for v in node.values())
+
+
+def _mark_api(graph: dict, path: tuple, special: dict) -> None:
+    for node_id, node in graph.items():
+        kind_of_node = str(node["class_type"])
+        for name, value in node["inputs"].items():
+            if not isinstance(value, str):
+                continue
+            at = path + (node_id, "inputs", name)
+            kind = _sensitive(kind_of_node, name, value)
+            special[at] = (kind, f"node {node_id} ({kind_of_node}).{name}")
+
+
+def _mark_ui(nodes: list, path: tuple, special: dict) -> None:
+    for index, node in enumerate(nodes):
+        if not isinstance(node, dict) or not isinstance(node.get("widgets_values"), list):
+            continue
+        kind_of_node = str(node.get("type", "?"))
+        positions = UI_SENSITIVE_WIDGETS.get(kind_of_node, {})
+        for slot, value in enumerate(node["widgets_values"]):
+            if not isinstance(value, str):
+                continue
+            name = positions.get(slot, f"widget {slot}")
+            kind = _sensitive(kind_of_node, name, value)
+            special[path + (index, "widgets_values", slot)] = (
+                kind, f"node {node.get('id', index)} ({kind_of_node}) {name}")
+
+
+def _sensitive(node_type: str, input_name: str, value: str) -> str | None:
+    """The kind of finding a widget value is by its role in the graph (None: nothing special)."""
+    if not value.strip():
+        return None
+    if node_type == "IDDMLoadPrivatePhotos" and input_name == "folder":
+        return "private_folder"
+    is_lora = input_name == "lora_name" or ("lora" in node_type.lower() and value.lower().endswith(MODEL_SUFFIXES))
+    if is_lora and not is_neutral_lora_name(value):
+        return "lora_name"
+    return None
