@@ -152,7 +152,7 @@ def test_kohya_keys_are_exactly_the_attention_projections_comfyui_maps():
             expected |= {stem + ".lora_down.weight", stem + ".lora_up.weight", stem + ".alpha"}
     state = d.lora_state_dict()
     assert set(state) == expected
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in state
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in state
     for key, tensor in state.items():
         if key.endswith(".alpha"):
             assert tensor.ndim == 0 and tensor.item() == CONFIG.lora_alpha
