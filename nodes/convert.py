@@ -44,6 +44,9 @@ class IddmLora:
     def surrogates(self) -> tuple[str, ...]:
         """The recognizers Stage II attacked (an evaluation should use another one)."""
         settings = self.settings or {}
+        measured = (settings.get("figures") or {}).get("identity") or {}
+        if isinstance(measured, dict) and measured.get("surrogate"):
+            return tuple(measured["surrogate"])  # the recognizers 'auto' resolved to
         return tuple(r for r in settings.get("recognizers") or () if r != "auto")
 
 

@@ -16,7 +16,9 @@ def load_face_detector(choice: str):
         return None
     import comfy.model_management as mm
     from comfyui_iddm.faces.detect import load_detector
-    return load_detector(choice, device=mm.get_torch_device())
+
+    from .places import recognizer_dir
+    return load_detector(choice, device=mm.get_torch_device(), weights_dir=recognizer_dir())
 
 
 class IDDMLoadPrivatePhotos(io.ComfyNode):
@@ -56,14 +58,9 @@ class IDDMSplitReferenceProtection(io.ComfyNode):
 
 
 def face_scores(images: torch.Tensor) -> torch.Tensor:
-    """Detector confidence x face size per image (0 where no face is found), for 'best' splits."""
-    from comfyui_iddm.photos import photoset_from_images
-
-    found = photoset_from_images(images, images.shape[-1], load_face_detector("auto"))
-    scores = torch.zeros(images.shape[0])
-    for name, score in zip(found.names, found.scores.tolist()):
-        scores[int(name.rsplit(" ", 1)[-1])] = score
-    return scores
+    """Detector confidence x face size of the best face per image (0: no face), for 'best' splits."""
+    detections = load_face_detector("auto").detect(images)
+    return torch.tensor([max((f.score * f.size for f in faces), default=0.0) for faces in detections])
 
 
 NODES = [IDDMLoadPrivatePhotos, IDDMSplitReferenceProtection]

@@ -27,7 +27,7 @@ class IDDMIdentitySimilarity(io.ComfyNode):
         device = mm.get_torch_device()
         name = pick_recognizer(recognizer, lora.surrogates() if lora is not None else ())
         model = load_recognizers([name], recognizer_dir(), device)[0]
-        detector = load_detector("auto", device=device)
+        detector = load_detector("auto", device=device, weights_dir=recognizer_dir())
         images = comfy_to_engine(generated)
         result = measure(model, detector, images, comfy_to_engine(reference))
         result["recognizer"] = name
@@ -56,24 +56,18 @@ def pick_recognizer(choice: str, surrogates: tuple[str, ...]) -> str:
 
 @torch.no_grad()
 def measure(model, detector, generated: torch.Tensor, reference: torch.Tensor) -> dict:
-    """FSR (share of generated images with a detected face) and each face's cosine similarity to
-    the person's prototype (unit mean embedding of the reference faces)."""
+    """FSR and each generated face's cosine to the person's prototype (engine metrics)."""
     from comfyui_iddm.faces.detect import landmarks_tensor
     from comfyui_iddm.faces.ensemble import IdentityEnsemble
+    from comfyui_iddm.metrics import identity_similarity
 
     device = next(model.parameters()).device
     ref_landmarks = landmarks_tensor(detector.detect(reference))
     ensemble = IdentityEnsemble.from_reference([model], reference.to(device), ref_landmarks.to(device), 1.0)
-    per_image: list[float | None] = [None] * generated.shape[0]
-    for index, faces in enumerate(detector.detect(generated)):
-        if faces:
-            landmarks = torch.from_numpy(faces[0].landmarks).float()[None].to(device)
-            score = ensemble.similarities(generated[index:index + 1].to(device), landmarks)
-            per_image[index] = round(float(score[0, 0]), 4)
-    found = [s for s in per_image if s is not None]
-    return {"fsr": len(found) / max(1, len(per_image)),
-            "mean_similarity": sum(found) / len(found) if found else 0.0,
-            "per_image": per_image}
+    report = identity_similarity(ensemble, list(generated), detector.detect(generated))
+    mean = report.mean[ensemble.names[0]]
+    return {"fsr": report.fsr, "mean_similarity": round(mean, 4) if mean is not None else 0.0,
+            "per_image": [round(row[0], 4) if row is not None else None for row in report.per_image]}
 
 
 NODES = [IDDMIdentitySimilarity]

@@ -24,7 +24,7 @@ class IDDMTrain(io.ComfyNode):
         from comfyui_iddm.config import IDDMConfig
         from comfyui_iddm.iddm import Cancelled, total_steps
         from comfyui_iddm.lora_io import save_lora
-        from comfyui_iddm.photos import photoset_from_images
+        from comfyui_iddm.pipeline import train_on_photos
 
         from .comfy_denoiser import ComfyDenoiser, training_mode
         from .photo_nodes import load_face_detector
@@ -39,15 +39,12 @@ class IDDMTrain(io.ComfyNode):
                                                       if k in spec.train_config_names()})
         with training_mode():
             detector = load_face_detector(face_detector)
-            reference_set = photoset_from_images(ref, resolution, detector)
-            protection_set = photoset_from_images(prot, resolution, detector)
-            _require_all_faces(reference_set, ref.shape[0], "reference")
-            _require_all_faces(protection_set, prot.shape[0], "protection")
+            reference_set = face_crops(ref, detector, "reference")
+            protection_set = face_crops(prot, detector, "protection")
             classes = comfy_to_engine(class_images) if class_images is not None else None
             denoiser = ComfyDenoiser(model, clip, vae, rank=config.rank, lora_alpha=config.lora_alpha,
                                      seed=config.seed, mixed_precision=config.mixed_precision)
             try:
-                from comfyui_iddm.pipeline import train_on_photos
                 result = train_on_photos(
                     denoiser, reference_set, protection_set, config, weights_dir=recognizer_dir(),
                     class_images=classes, on_progress=ComfyProgress(cls.hidden.unique_id, total_steps(config)),
@@ -83,12 +80,23 @@ def _square_side(images, which: str, expected: int | None = None) -> int:
     return int(height)
 
 
-def _require_all_faces(photos, count: int, which: str) -> None:
-    if len(photos) != count:
-        reasons = "; ".join(f"photo {i.index + 1 if i.index is not None else '?'}: {i.reason}"
-                            for i in photos.issues)
-        raise ValueError(f"no face found in some {which} photos ({reasons}). Remove them, or set "
-                         "face_detector to 'none' if the photos are already face-centred crops.")
+def face_crops(images, detector, which: str):
+    """The crops as a PhotoSet with their landmarks. They are already face crops (IDDM Load Private
+    Photos checked face size on the originals), so they are not cropped again."""
+    import torch
+    from comfyui_iddm.faces.detect import landmarks_tensor
+    from comfyui_iddm.photos import PhotoSet, centred_face
+
+    count, side = images.shape[0], images.shape[-1]
+    if detector is None:
+        landmarks = torch.as_tensor(centred_face((side, side))[1], dtype=torch.float32).expand(count, 5, 2)
+    else:
+        try:
+            landmarks = landmarks_tensor(detector.detect(images))
+        except ValueError as error:
+            raise ValueError(f"{which} photos: {error} Remove those photos, or set face_detector to "
+                             "'none' if they are face-centred crops.") from None
+    return PhotoSet(images, landmarks.clone(), [f"{which} {i}" for i in range(count)])
 
 
 NODES = [IDDMTrain]

@@ -177,3 +177,47 @@ class ComfyServer:
 
 def status_messages(entry: dict) -> list:
     return entry.get("status", {}).get("messages", [])
+
+
+def make_face_photos(folder: Path, count: int = 6) -> list[Path]:
+    """Separate portrait files cut from insightface's sample group photo (6 people): real faces for
+    the detector and recognizers, named neutrally. Needs insightface's data files and MTCNN."""
+    from comfyui_iddm.faces.detect import load_detector
+    from comfyui_iddm.photos import pil_to_tensor
+    from comfyui_iddm.samples import group_photo
+
+    photo = group_photo()
+    faces = load_detector("mtcnn").detect(pil_to_tensor(photo)[None])[0][:count]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, face in enumerate(sorted(faces, key=lambda f: f.box[0])):
+        x1, y1, x2, y2 = face.box
+        cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, 0.8 * max(x2 - x1, y2 - y1)
+        crop = photo.crop((int(cx - half), int(cy - half), int(cx + half), int(cy + half)))
+        path = folder / f"photo_{index}.jpg"
+        crop.save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def tiny_run(api: dict, folder: str, lora_suffix: str) -> dict:
+    """A shipped API workflow scaled down to a CPU run of a minute or two on the tiny checkpoint."""
+    graph = json.loads(json.dumps(api))
+    for node in graph.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CHECKPOINT_NAME
+        elif kind == "IDDMLoadPrivatePhotos":
+            inputs.update(folder=folder, resolution=64)
+        elif kind == "IDDMSplitReferenceProtection":
+            inputs.update(reference_count=3)
+        elif kind == "IDDMTrain":
+            inputs.update(iterations=1, pgd_steps=2, ft_steps=2, batch_size=1,
+                          lora_name=inputs["lora_name"] + lora_suffix)
+        elif kind == "IDDMLoadProtectedLoRA" and inputs.get("lora_name"):
+            inputs["lora_name"] = inputs["lora_name"].replace(".safetensors", lora_suffix + ".safetensors")
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=2)
+        elif kind == "KSampler":
+            inputs.update(steps=2)
+    return graph

@@ -1,0 +1,291 @@
+"""The shipped example workflows: their graphs, the UI-format rendering, and a validator.
+
+The three graphs are written once here in API format (what POST /prompt takes). The UI format
+(what the ComfyUI canvas loads) is derived from them with the nodes' declarations, so the two
+files of each workflow always describe the same graph. `python tests/workflow_graphs.py` rewrites
+workflows/*.json and workflows/api/*.json; tests/test_workflows.py checks the files are current and
+valid against the IDDM node specs (nodes/spec.py) and the stock nodes' interfaces
+(tests/data/comfyui_stock_nodes.json, read from a real ComfyUI).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pack_nodes
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+STOCK_NODES = Path(__file__).with_name("data") / "comfyui_stock_nodes.json"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # any SD 1.x / 2.x checkpoint of the user's
+PHOTO_FOLDER = "my_photos"  # a folder inside ComfyUI/input with the person's photos
+POSITIVE = "a photo of sks person, portrait, natural light"
+NEGATIVE = "blurry, lowres, deformed"
+
+
+# ----------------------------------------------------------------------------- node interfaces
+
+def node_definitions() -> dict[str, dict[str, Any]]:
+    """class_type -> {"inputs": {name: {...}}, "outputs": [types], "output_names": [...]}."""
+    spec = pack_nodes.load("spec")
+    defs = {k: v for k, v in json.loads(STOCK_NODES.read_text()).items() if not k.startswith("_")}
+    for node in spec.ALL_NODES:
+        # ComfyUI orders inputs required first, then optional; widgets follow that order.
+        ordered = [p for p in node.inputs if not p.optional] + [p for p in node.inputs if p.optional]
+        defs[node.node_id] = {
+            "inputs": {p.name: {"type": p.type, "options": list(p.options), "default": p.default,
+                                "min": p.min, "max": p.max, "control_after_generate": p.seed,
+                                "optional": p.optional} for p in ordered},
+            "outputs": [p.type for p in node.outputs],
+            "output_names": [p.name for p in node.outputs],
+        }
+    return defs
+
+
+def widget_defaults(class_type: str, defs: dict) -> dict[str, Any]:
+    return {name: d["default"] for name, d in defs[class_type]["inputs"].items()
+            if d["type"] in WIDGET_TYPES and d.get("default") is not None}
+
+
+# ----------------------------------------------------------------------------- the graphs
+
+def _node(class_type: str, title: str, **inputs) -> dict:
+    return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+
+
+def _train(defs, model_from: str, photos_from: str, rho: float, lora_name: str, title: str) -> dict:
+    knobs = widget_defaults("IDDMTrain", defs)
+    knobs.update(rho=rho, lora_name=lora_name)
+    return _node("IDDMTrain", title, model=[model_from, 0], clip=[model_from, 1], vae=[model_from, 2],
+                 reference=[photos_from, 0], protection=[photos_from, 1], **knobs)
+
+
+def _generate(graph: dict, first_id: int, defs, lora_from: list | None, lora_file: str, reference_from: str,
+              label: str, checkpoint_id: str = "1", negative_id: str = "3", latent_id: str = "4") -> None:
+    """Load Protected LoRA -> prompt -> KSampler -> VAE Decode -> Identity Similarity -> outputs."""
+    ids = [str(first_id + i) for i in range(6)]
+    load, positive, sampler, decode, similarity, preview = ids
+    lora_inputs = {"lora": lora_from} if lora_from else {}
+    graph[load] = _node("IDDMLoadProtectedLoRA", f"Load Protected LoRA {label}".strip(),
+                        model=[checkpoint_id, 0], clip=[checkpoint_id, 1], lora_name=lora_file,
+                        strength_model=1.0, strength_clip=1.0, **lora_inputs)
+    graph[positive] = _node("CLIPTextEncode", f"Prompt {label}".strip(), text=POSITIVE, clip=[load, 1])
+    graph[sampler] = _node("KSampler", f"KSampler {label}".strip(), model=[load, 0], seed=0, steps=30,
+                           cfg=7.0, sampler_name="euler", scheduler="normal", positive=[positive, 0],
+                           negative=[negative_id, 0], latent_image=[latent_id, 0], denoise=1.0)
+    graph[decode] = _node("VAEDecode", f"VAE Decode {label}".strip(), samples=[sampler, 0],
+                          vae=[checkpoint_id, 2])
+    sim_inputs = {"lora": lora_from} if lora_from else {}
+    graph[similarity] = _node("IDDMIdentitySimilarity", f"Identity Similarity {label}".strip(),
+                              generated=[decode, 0], reference=[reference_from, 0], recognizer="auto",
+                              **sim_inputs)
+    # Final outputs: stock Preview (nothing written to output/). Issue 6's Save Public Image
+    # (metadata-free) replaces it for publishing once it exists.
+    graph[preview] = _node("PreviewImage", f"Portraits with similarity {label}".strip(),
+                           images=[similarity, 3])
+
+
+def _common(defs, checkpoint: str, folder: str) -> dict:
+    return {
+        "1": _node("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=checkpoint),
+        "2": _node("IDDMLoadPrivatePhotos", "Load Private Photos", folder=folder,
+                   **{k: v for k, v in widget_defaults("IDDMLoadPrivatePhotos", defs).items() if k != "folder"}),
+        "3": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
+        "4": _node("EmptyLatentImage", "Empty Latent", width=512, height=512, batch_size=4),
+        "5": _node("IDDMSplitReferenceProtection", "Split Reference / Protection", photos=["2", 0],
+                   **widget_defaults("IDDMSplitReferenceProtection", defs)),
+    }
+
+
+def train_and_generate(defs) -> dict:
+    graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
+    graph["6"] = _train(defs, "1", "5", 0.3, "iddm_protected", "IDDM Train")
+    _generate(graph, 10, defs, ["6", 0], "", "5", "")
+    return graph
+
+
+def privacy_sweep(defs) -> dict:
+    graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
+    for column, rho in enumerate((0.1, 0.3, 0.5)):
+        train_id = str(6 + column)
+        label = f"rho {rho}"
+        graph[train_id] = _train(defs, "1", "5", rho, f"iddm_rho{int(rho * 10):02d}", f"IDDM Train {label}")
+        _generate(graph, 10 + 10 * column, defs, [train_id, 0], "", "5", f"({label})")
+    return graph
+
+
+def generate_only(defs) -> dict:
+    graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
+    del graph["5"]  # the reference photos go straight to Identity Similarity
+    _generate(graph, 10, defs, None, "iddm_protected.safetensors", "2", "")
+    return graph
+
+
+GRAPHS = {"iddm_train_and_generate": train_and_generate, "iddm_privacy_sweep": privacy_sweep,
+          "iddm_generate_from_protected_lora": generate_only}
+
+
+# ----------------------------------------------------------------------------- UI format
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def to_ui(api: dict, defs: dict) -> dict:
+    """API graph -> litegraph workflow (what the canvas loads), laid out left to right by depth."""
+    depth: dict[str, int] = {}
+
+    def depth_of(node_id: str) -> int:
+        if node_id not in depth:
+            sources = [v[0] for v in api[node_id]["inputs"].values() if _is_link(v)]
+            depth[node_id] = 1 + max((depth_of(s) for s in sources), default=-1)
+        return depth[node_id]
+
+    rows: dict[int, int] = {}
+    nodes, links = [], []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    for node_id in sorted(api, key=int):
+        for value in api[node_id]["inputs"].values():
+            if _is_link(value):
+                links.append([len(links) + 1, int(value[0]), value[1], int(node_id), None, None])
+                out_links.setdefault((value[0], value[1]), []).append(len(links))
+    for order, node_id in enumerate(sorted(api, key=lambda n: (depth_of(n), int(n)))):
+        node = api[node_id]
+        d = defs[node["class_type"]]
+        column = depth_of(node_id)
+        row = rows.get(column, 0)
+        rows[column] = row + 1
+        inputs, widgets = [], []
+        for name, spec in d["inputs"].items():
+            value = node["inputs"].get(name)
+            if spec["type"] in WIDGET_TYPES:
+                widgets.append(value if value is not None else spec.get("default"))
+                if spec.get("control_after_generate"):
+                    widgets.append("fixed")
+                continue
+            link_id = None
+            if _is_link(value):
+                link_id = next(l[0] for l in links if l[3] == int(node_id) and l[4] is None
+                               and l[1] == int(value[0]) and l[2] == value[1])
+                links[link_id - 1][4] = len(inputs)
+                links[link_id - 1][5] = spec["type"]
+            inputs.append({"name": name, "type": spec["type"], "link": link_id})
+        outputs = [{"name": n, "type": t, "links": out_links.get((node_id, slot), []), "slot_index": slot}
+                   for slot, (t, n) in enumerate(zip(d["outputs"], d["output_names"]))]
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * column, 40 + 320 * row],
+                      "size": [340, 260], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+                      "outputs": outputs, "title": node["_meta"]["title"],
+                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+    nodes.sort(key=lambda n: n["id"])
+    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def ui_to_api(ui: dict, defs: dict) -> dict:
+    """The inverse (what the canvas queues): widgets_values back to named inputs, links to [id, slot]."""
+    links = {l[0]: l for l in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        d = defs[node["type"]]
+        values = list(node.get("widgets_values", []))
+        inputs: dict[str, Any] = {}
+        for name, spec in d["inputs"].items():
+            if spec["type"] in WIDGET_TYPES:
+                if not values:
+                    raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name}")
+                inputs[name] = values.pop(0)
+                if spec.get("control_after_generate"):
+                    values.pop(0)
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        if values:
+            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget value(s) too many")
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                "_meta": {"title": node.get("title", node["type"])}}
+    return api
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate_api(api: dict, defs: dict) -> list[str]:
+    """Every node type exists, every required input is given, every link's type matches, every
+    widget value is valid. Returns the problems found (empty = valid)."""
+    problems = []
+    for node_id, node in api.items():
+        where = f"node {node_id} ({node.get('class_type')})"
+        d = defs.get(node.get("class_type"))
+        if d is None:
+            problems.append(f"{where}: unknown node type")
+            continue
+        for name in node["inputs"]:
+            if name not in d["inputs"]:
+                problems.append(f"{where}: unknown input {name!r}")
+        for name, spec in d["inputs"].items():
+            value = node["inputs"].get(name)
+            if value is None:
+                if not spec["optional"]:
+                    problems.append(f"{where}: required input {name!r} missing")
+                continue
+            if _is_link(value):
+                source = api.get(value[0])
+                if source is None or source.get("class_type") not in defs:
+                    problems.append(f"{where}: input {name!r} links to missing node {value[0]}")
+                    continue
+                outputs = defs[source["class_type"]]["outputs"]
+                if value[1] >= len(outputs):
+                    problems.append(f"{where}: input {name!r} links to output {value[1]} of a node with {len(outputs)}")
+                elif outputs[value[1]] != spec["type"]:
+                    problems.append(f"{where}: input {name!r} wants {spec['type']} but gets {outputs[value[1]]}")
+            elif spec["type"] not in WIDGET_TYPES:
+                problems.append(f"{where}: input {name!r} ({spec['type']}) must be a link, got {value!r}")
+            else:
+                problem = widget_problem(spec, value)
+                if problem:
+                    problems.append(f"{where}: {name}={value!r}: {problem}")
+    return problems
+
+
+def widget_problem(spec: dict, value: Any) -> str | None:
+    kind = spec["type"]
+    if kind == "INT" and (isinstance(value, bool) or not isinstance(value, int)):
+        return "not a whole number"
+    if kind == "FLOAT" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "not a number"
+    if kind in ("INT", "FLOAT"):
+        if spec.get("min") is not None and value < spec["min"]:
+            return f"below the minimum {spec['min']}"
+        if spec.get("max") is not None and value > spec["max"]:
+            return f"above the maximum {spec['max']}"
+    if kind == "STRING" and not isinstance(value, str):
+        return "not text"
+    if kind == "BOOLEAN" and not isinstance(value, bool):
+        return "not true/false"
+    if kind == "COMBO" and spec.get("options") and value not in spec["options"]:
+        return f"not one of {spec['options']}"
+    return None
+
+
+def render_all() -> dict[Path, dict]:
+    defs = node_definitions()
+    files = {}
+    for name, build in GRAPHS.items():
+        api = build(defs)
+        files[WORKFLOWS / "api" / f"{name}.json"] = api
+        files[WORKFLOWS / f"{name}.json"] = to_ui(api, defs)
+    return files
+
+
+def dump(data: dict) -> str:
+    return json.dumps(data, indent=1) + "\n"
+
+
+if __name__ == "__main__":
+    for path, data in render_all().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dump(data))
+        print("wrote", path.relative_to(REPO))
