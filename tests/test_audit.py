@@ -1,0 +1,294 @@
+"""`iddm audit`: what it finds in image metadata and workflow files, and what it leaves alone."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import pack_nodes
+from comfyui_iddm import audit as audit_module
+from comfyui_iddm.audit import audit, audit_bytes, metadata_items, scan_string
+from comfyui_iddm.commands import audit as audit_command
+from comfyui_iddm.public_image import encode_public_image
+
+REPO = Path(__file__).resolve().parents[1]
+NEUTRAL = "iddm_20261122_0a1b2c"
+
+
+def api_graph(folder: str = "my_photos", lora: str = "anna_smith_lora") -> dict:
+    """The train-and-generate graph in API format as ComfyUI embeds it (shape of the shipped one)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        "2": {"class_type": "IDDMLoadPrivatePhotos", "inputs": {"folder": folder, "resolution": 512,
+                                                                "face_detector": "auto"}},
+        "6": {"class_type": "IDDMTrain", "inputs": {"model": ["1", 0], "lora_name": lora, "rho": 0.3,
+                                                    "instance_prompt": "a photo of sks person"}},
+        "10": {"class_type": "IDDMLoadProtectedLoRA", "inputs": {"lora_name": "", "lora": ["6", 0]}},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks person, 16:9, AC/DC"}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "ComfyUI"}},
+    }
+
+
+def ui_graph(folder: str = "my_photos", lora: str = "anna_smith_lora") -> dict:
+    train_widgets = ["a photo of sks person", 0.3, 0.08, 0.03, 10, 8, 0.008, 20, 1e-4, 4, 4.0, 2, "0,200",
+                     "auto", 0, "fixed", lora, False, "no", "auto", "a photo of person", 0.0]
+    return {"nodes": [
+        {"id": 2, "type": "IDDMLoadPrivatePhotos", "widgets_values": [folder, 512, "auto"]},
+        {"id": 6, "type": "IDDMTrain", "widgets_values": train_widgets},
+        {"id": 7, "type": "LoraLoader", "widgets_values": ["people/anna.safetensors", 1.0, 1.0]},
+        {"id": 8, "type": "LoadImage", "widgets_values": ["IMG_20240101_120000.jpg", "image"]},
+    ], "links": [], "extra": {"ds": {"scale": 1.0}}}
+
+
+def png_bytes(info: PngInfo | None = None, **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 80, 60)).save(buffer, "PNG", pnginfo=info, **save)
+    return buffer.getvalue()
+
+
+def stock_png(api: dict, ui: dict) -> bytes:
+    """What ComfyUI's stock Save Image writes: tEXt 'prompt' (API graph) and 'workflow' (UI graph)."""
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(api))
+    info.add_text("workflow", json.dumps(ui))
+    return png_bytes(info)
+
+
+def kinds(findings) -> list[tuple[str, str]]:
+    return sorted((f.kind, f.value) for f in findings)
+
+
+# ----------------------------------------------------------------------------- stock ComfyUI images
+
+def test_stock_png_reports_folder_lora_paths_and_photo_names():
+    api = api_graph("/home/anna/Pictures/private set", "anna_smith_lora")
+    found = audit_bytes(stock_png(api, ui_graph("my_photos", "anna_smith_lora")))
+    assert kinds(found) == sorted([
+        ("home_dir", "/home/anna/Pictures/private"),  # from the prompt (the path stops at the space)
+        ("lora_name", "anna_smith_lora"),  # prompt: IDDM Train
+        ("private_folder", "my_photos"),  # workflow: Load Private Photos, widget 0
+        ("lora_name", "anna_smith_lora"),  # workflow: IDDM Train, widget 16
+        ("lora_name", "people/anna.safetensors"),  # workflow: LoraLoader
+        ("photo_file_name", "IMG_20240101_120000.jpg"),  # workflow: LoadImage
+    ])
+    where = {f.value: f.where for f in found if f.kind != "lora_name"}
+    assert where["/home/anna/Pictures/private"] == "PNG tEXt 'prompt' > node 2 (IDDMLoadPrivatePhotos).folder"
+    assert where["my_photos"] == "PNG tEXt 'workflow' > node 2 (IDDMLoadPrivatePhotos) folder"
+    assert audit_module.home_user("/home/anna/Pictures/private") == "anna"
+
+
+def test_neutral_graph_reports_only_the_folder_name():
+    found = audit_bytes(stock_png(api_graph("my_photos", NEUTRAL), {"nodes": []}))
+    assert kinds(found) == [("private_folder", "my_photos")]
+    found = audit_bytes(stock_png(api_graph("my_photos", NEUTRAL + ".safetensors"), {"nodes": []}))
+    assert kinds(found) == [("private_folder", "my_photos")]
+
+
+def test_compressed_and_international_text_chunks_and_comf_chunks():
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(api_graph("/Users/zoë/photos/x", NEUTRAL)), zip=True)  # zTXt
+    info.add_itxt("workflow", json.dumps(ui_graph("fotos_zoë", NEUTRAL)), zip=True)  # compressed iTXt
+    info.add_itxt("note", "saved from D:\\Users\\Zoë\\Desktop\\me.webp")  # plain iTXt
+    info.add(b"comf", b"prompt\0" + json.dumps(api_graph("set", NEUTRAL)).encode())  # animated PNG style
+    found = audit_bytes(png_bytes(info))
+    values = {(f.kind, f.value) for f in found}
+    assert ("home_dir", "/Users/zoë/photos/x") in values
+    assert ("private_folder", "fotos_zoë") in values
+    assert ("home_dir", "D:\\Users\\Zoë\\Desktop\\me.webp") in values
+    assert ("private_folder", "set") in values
+    assert {f.where.split(" >")[0] for f in found} >= {"PNG zTXt 'prompt'", "PNG iTXt 'workflow'",
+                                                        "PNG comf 'prompt'"}
+
+
+def exif_with_everything() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x013B] = "Anna Smith"  # Artist
+    exif[0x010E] = "C:\\Users\\anna\\Pictures\\DSC01234.JPG"  # ImageDescription
+    exif[0x8825] = {1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 0.0)}  # GPS
+    exif[0x8769] = {0x9286: b"ASCII\0\0\0from /home/anna/shoot/IMG_0042.HEIC"}  # UserComment
+    return exif
+
+
+def test_exif_in_jpeg_png_and_webp():
+    image = Image.new("RGB", (8, 8))
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, exif=exif_with_everything())
+        found = kinds(audit_bytes(buffer.getvalue()))
+        assert found == sorted([("personal_tag", "Anna Smith"), ("gps_location", "52.52000N, 13.40000E"),
+                                ("home_dir", "C:\\Users\\anna\\Pictures\\DSC01234.JPG"),
+                                ("home_dir", "/home/anna/shoot/IMG_0042.HEIC")]), fmt
+
+
+def test_comfyui_webp_exif_prompt_and_workflow():
+    """ComfyUI's WebP savers put 'prompt:{json}' in EXIF Model and 'workflow:{json}' in Make."""
+    exif = Image.Exif()
+    exif[0x0110] = "prompt:" + json.dumps(api_graph("my_photos", "lora_of_anna"))
+    exif[0x010F] = "workflow:" + json.dumps(ui_graph("my_photos", NEUTRAL))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "WEBP", exif=exif)
+    found = audit_bytes(buffer.getvalue())
+    assert ("lora_name", "lora_of_anna") in kinds(found)
+    assert any(f.where.startswith("WebP EXIF Model > node 2") for f in found)
+
+
+def jpeg_segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+
+def test_jpeg_xmp_and_comment_and_app13():
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    plain = buffer.getvalue()
+    xmp = (b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta><xmpMM:DerivedFrom stRef:filePath="
+           b"\"/Users/anna/Desktop/anna_beach.png\"/></x:xmpmeta>")
+    extra = (jpeg_segment(0xE1, xmp) + jpeg_segment(0xFE, b"exported IMG_7781.jpg")
+             + jpeg_segment(0xED, b"Photoshop 3.0\0\x1c\x02\x05\0\x10~/private/set1/x"))
+    found = kinds(audit_bytes(plain[:2] + extra + plain[2:]))
+    assert found == sorted([("home_dir", "/Users/anna/Desktop/anna_beach.png"),
+                            ("photo_file_name", "IMG_7781.jpg"), ("home_dir", "~/private/set1/x")])
+
+
+def test_webp_xmp_chunk():
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "WEBP", xmp=b"<x:xmpmeta>/home/bob/faces/bob.jpg</x:xmpmeta>")
+    assert kinds(audit_bytes(buffer.getvalue())) == [("home_dir", "/home/bob/faces/bob.jpg")]
+
+
+def test_unknown_png_chunk_text_is_read():
+    body = b"\0\1\2saved by a tool from /media/usb/people/anna/portrait.png\0\3"
+    chunk = struct.pack(">I", len(body)) + b"prVt" + body + struct.pack(">I", zlib.crc32(b"prVt" + body))
+    data = png_bytes()
+    data = data[:33] + chunk + data[33:]  # after IHDR
+    assert kinds(audit_bytes(data)) == [("absolute_path", "/media/usb/people/anna/portrait.png")]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_public_images_carry_nothing(fmt):
+    pixels = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    data = encode_public_image(pixels, fmt, 90)
+    assert metadata_items(data) == [] and audit_bytes(data) == []
+
+
+def test_truncated_and_damaged_images_do_not_crash():
+    data = stock_png(api_graph("/home/anna/x/y", NEUTRAL), {"nodes": []})
+    for cut in (20, 60, len(data) // 2):
+        audit_bytes(data[:cut])  # no exception
+    info = PngInfo()
+    info.add_text("k", "x" * 10, zip=True)
+    damaged = bytearray(png_bytes(info))
+    start = damaged.find(b"zTXt") + 8
+    damaged[start:start + 4] = b"\xff\xff\xff\xff"
+    audit_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="not a PNG"):
+        audit_bytes(b"\x00\x01\x02\xff\xfe binary")
+
+
+# ----------------------------------------------------------------------------- text and JSON
+
+@pytest.mark.parametrize("text, expected", [
+    ("see /home/bob/x/IMG_1234.JPG", [("home_dir", "/home/bob/x/IMG_1234.JPG")]),
+    ("C:\\Users\\Carol\\Desktop\\me.png", [("home_dir", "C:\\Users\\Carol\\Desktop\\me.png")]),
+    ("file:///Users/dan/p/q.jpg", [("home_dir", "file:///Users/dan/p/q.jpg")]),
+    ("/mnt/c/Users/erin/Pictures/a", [("home_dir", "/mnt/c/Users/erin/Pictures/a")]),
+    ("/srv/data/set", [("absolute_path", "/srv/data/set")]),
+    ("\\\\nas\\photos\\anna", [("absolute_path", "\\\\nas\\photos\\anna")]),
+    ("holiday_2023.jpeg and PXL_20230101_123456789", [("photo_file_name", "PXL_20230101_123456789"),
+                                                      ("photo_file_name", "holiday_2023.jpeg")]),
+    ("https://example.com/models/x/y.png and hf://org/repo/a.png", []),
+    ("16:9, AC/DC, 1/2/3, a photo of sks person, 0,200, euler", []),
+    ("v1-5-pruned-emaonly.safetensors", []),
+])
+def test_scan_string(text, expected):
+    assert kinds(scan_string(text, "t")) == sorted(expected)
+
+
+def test_json_inside_strings_and_history_dumps():
+    """A /history entry nests the API graph in a list; a report may hold JSON inside a string."""
+    history = {"abc": {"prompt": [0, "abc", api_graph("my_photos", "anna_lora"), {}, ["12"]],
+                       "outputs": {"6": {"report": [json.dumps({"photos": ["/home/anna/a/b.jpg"]})]}}}}
+    found = kinds(scan_text_file(json.dumps(history)))
+    assert found == sorted([("private_folder", "my_photos"), ("lora_name", "anna_lora"),
+                            ("home_dir", "/home/anna/a/b.jpg")])
+
+
+def scan_text_file(text: str):
+    return audit_bytes(text.encode())
+
+
+def test_ui_widget_positions_match_the_node_declarations():
+    """The positions audit.py reads in UI-format workflows are those of the nodes' widgets."""
+    spec = pack_nodes.load("spec")
+    for node_type, positions in audit_module.UI_SENSITIVE_WIDGETS.items():
+        node = spec.BY_ID[node_type]
+        slots = []
+        for port in [p for p in node.inputs if not p.optional] + [p for p in node.inputs if p.optional]:
+            if port.is_widget:
+                slots.append(port.name)
+                if port.seed:
+                    slots.append("<control after generate>")
+        for index, name in positions.items():
+            assert slots[index] == name, (node_type, index, slots)
+
+
+def test_shipped_workflows_hold_no_paths_photo_names_or_personal_lora_names():
+    files = sorted((REPO / "workflows").rglob("*.json"))
+    if not files:
+        pytest.skip("no workflow files in workflows/")
+    found = [f for path in files for f in audit_bytes(path.read_bytes())]
+    allowed = {("private_folder", "my_photos")}  # the placeholder folder name users replace
+    assert [(f.kind, f.value, f.where) for f in found if (f.kind, f.value) not in allowed] == []
+
+
+# ----------------------------------------------------------------------------- folders and the command
+
+def run_audit(*argv: str) -> tuple[int, str]:
+    import contextlib
+    parser = argparse.ArgumentParser(prog="iddm")
+    audit_command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["audit", *argv])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = args.func(args)
+    return code, out.getvalue()
+
+
+def test_folder_audit_and_exit_codes(tmp_path):
+    leaky = tmp_path / "out" / "ComfyUI_00001_.png"
+    leaky.parent.mkdir()
+    leaky.write_bytes(stock_png(api_graph("/home/anna/faces", "anna_lora"), {"nodes": []}))
+    clean = tmp_path / "out" / "portrait_00001_.png"
+    clean.write_bytes(encode_public_image(np.zeros((8, 8, 3), np.uint8)))
+    (tmp_path / "out" / ".hidden.json").write_text('{"a": "/home/anna/x/y"}')
+    (tmp_path / "out" / "notes.txt").write_text("/home/anna/x/y")  # not an audited kind of file
+
+    result = audit(tmp_path)
+    assert result.files_checked == 2 and {f.file for f in result.findings} == {str(leaky)}
+
+    code, out = run_audit(str(tmp_path))
+    assert code == 1
+    assert "(account 'anna')" in out and "anna_lora" in out and "IDDM Save Public Image" in out
+    assert "2 file(s) checked; 2 finding(s) in 1 file(s)" in out
+
+    code, out = run_audit(str(clean), "--json")
+    assert code == 0 and json.loads(out) == {"files_checked": 1, "findings": [], "skipped": []}
+
+    code, out = run_audit(str(leaky), "--json")
+    document = json.loads(out)
+    assert code == 1 and {f["kind"] for f in document["findings"]} == {"home_dir", "lora_name"}
+    assert all(f["why"] and f["file"] == str(leaky) for f in document["findings"])
+
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b"\xff\xfe\x00binary")
+    code, out = run_audit(str(broken))
+    assert code == 2 and "not checked" in out
+    with pytest.raises(FileNotFoundError):
+        audit(tmp_path / "missing")
