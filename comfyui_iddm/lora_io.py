@@ -101,7 +101,11 @@ def read_iddm_settings(metadata: Mapping[str, str] | None) -> dict[str, Any] | N
     for key, raw in metadata.items():
         if key.startswith("iddm."):
             name = key[len("iddm."):]
-            settings[name] = raw if name in text_fields else json.loads(raw)
+            try:
+                settings[name] = raw if name in text_fields else json.loads(raw)
+            except json.JSONDecodeError:
+                raise ValueError(f"LoRA metadata {key}={raw!r} is not valid JSON; the file's IDDM "
+                                 "settings are damaged (re-export it with `iddm train`).") from None
     return settings
 
 

@@ -78,6 +78,8 @@ def test_settings_read_back_into_the_same_config(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in peft_to_kohya(peft_state(), 3.0).items())
     assert read_iddm_settings({"ss_network_dim": "4"}) is None
     assert read_iddm_settings(None) is None
+    with pytest.raises(ValueError, match="iddm.rho"):
+        read_iddm_settings({**meta, "iddm.rho": "0.1.2"})
 
 
 def test_save_refuses_an_existing_file_unless_overwrite(tmp_path):

@@ -240,8 +240,9 @@ def _check_sd_checkpoint(path: Path) -> None:
     try:
         keys = _checkpoint_keys(path)
     except Exception as error:
-        raise ModelLoadError(f"{path.name} could not be read as a checkpoint ({error}); expected a "
-                             "Stable Diffusion 1.x/2.x .safetensors or .ckpt file.") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"{path.name} could not be read as a checkpoint ({first_line}); expected a "
+                             "Stable Diffusion 1.x/2.x .safetensors or .ckpt file of tensors only.") from None
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelLoadError(f"{path.name} is not a Stable Diffusion checkpoint (it has no "
                              "model.diffusion_model.* weights; is it a LoRA, VAE or embedding?); "
