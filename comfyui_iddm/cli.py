@@ -11,7 +11,7 @@ from typing import Sequence
 from .config import KNOBS, PRESETS, ConfigError, IDDMConfig
 
 # Sub-commands beside `train`, each a module in commands/ with add_parser(subparsers).
-COMMANDS = ("similarity",)
+COMMANDS = ("demo", "report", "sweep", "similarity", "audit")
 
 # CLI flag names that differ from the shared knob names (DESIGN.md: `--alpha` is PGD's α).
 FLAG_NAMES = {"pgd_alpha": "alpha"}
