@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import folder_paths
 
@@ -32,18 +32,19 @@ def loras_dir() -> Path:
 
 
 def photo_folder(name: str) -> Path:
-    """A subfolder of ComfyUI's input folder, given by its relative name (never an absolute path,
-    which would travel with every shared workflow and image)."""
-    relative = PurePosixPath(name.replace("\\", "/"))
-    if not name or relative.is_absolute() or ".." in relative.parts or ":" in name:
-        raise ValueError(f"folder {name!r} must be the name of a folder inside ComfyUI's input folder "
-                         f"({folder_paths.get_input_directory()}); put the photos there and pick the "
-                         "folder from the list.")
-    return Path(folder_paths.get_input_directory()) / relative
+    """A folder of photos by its name relative to the private-photos root (never a path, which
+    would travel with every shared workflow and saved image)."""
+    from comfyui_iddm.private_root import resolve_private_folder
+    return resolve_private_folder(name, Path(folder_paths.get_input_directory()))
 
 
 def _photo_folders() -> list[str]:
-    return sorted(folder_paths.get_input_subfolders())
+    from comfyui_iddm.private_root import list_private_folders, private_root
+    try:
+        return list_private_folders(private_root(Path(folder_paths.get_input_directory())).path)
+    except ValueError as error:  # a misconfigured root: say so at run time, keep the UI working
+        logging.warning(f"[IDDM] private-photos root: {error}")
+        return []
 
 
 def _lora_files() -> list[str]:

@@ -84,9 +84,10 @@ LOAD_PHOTOS = NodeSpec(
                  "images you connect), turns each upright, finds the face and crops a square around "
                  "it at the training size. The photos are read in place, never copied anywhere."),
     inputs=(
-        Port("folder", "COMBO", "Folder of the person's photos, inside ComfyUI's input folder. "
-             "8 or more clear, front-facing photos of one person work best.",
-             options_from=PHOTO_FOLDERS),
+        Port("folder", "COMBO", "Folder of the person's photos, by its name inside your private-photos "
+             "root (ComfyUI's input folder unless IDDM_PRIVATE_ROOT says otherwise); never a full path, "
+             "which would travel with every shared workflow. 8 or more clear, front-facing photos of "
+             "one person work best.", options_from=PHOTO_FOLDERS),
         knob("resolution", "INT", step=8),
         Port("face_detector", "COMBO", "'auto' finds the face in each photo and crops around it; "
              "'none' assumes the photos are already face-centred portraits.",
@@ -150,9 +151,9 @@ TRAIN = NodeSpec(
         knob("stage2_timesteps", "STRING"),
         knob("recognizers", "STRING"),
         knob("seed", "INT", seed=True),
-        Port("lora_name", "STRING", "File name of the LoRA in models/loras (no folders). Careful: "
-             "this name travels with every workflow you share, so don't name it after the person.",
-             "iddm_protected"),
+        Port("lora_name", "STRING", "File name of the LoRA in models/loras (no folders). Empty: a "
+             "neutral name iddm_<date>_<random> is chosen. Careful: this name travels with every "
+             "workflow you share, so don't name it after the person.", ""),
         Port("overwrite", "BOOLEAN", "Replace an existing LoRA of the same name. Off: a name that "
              "is taken is refused before any training starts.", False),
         knob("mixed_precision", "COMBO", options=("no", "fp16", "bf16")),
@@ -227,7 +228,27 @@ LOAD_LORA = NodeSpec(
     ),
 )
 
-ALL_NODES: tuple[NodeSpec, ...] = (LOAD_PHOTOS, SPLIT, TRAIN, SIMILARITY, LOAD_LORA)
+SAVE_PUBLIC_IMAGE = NodeSpec(
+    node_id="IDDMSavePublicImage",
+    display_name="IDDM Save Public Image",
+    description=("Saves images for publishing with nothing but the pixels. The stock Save Image node "
+                 "writes the whole graph into every PNG (your photo folder's name, the LoRA's name, "
+                 "every prompt and setting), and anyone you send the file to can read it. This node "
+                 "writes no prompt, no workflow, no text of any kind."),
+    inputs=(
+        Port("images", "IMAGE", "The images to publish."),
+        Port("filename_prefix", "STRING", "Start of the file names in ComfyUI's output folder ('sub/name' "
+             "saves into a subfolder). File names travel with the images: don't name the person.",
+             "portrait"),
+        Port("format", "COMBO", "png: lossless. jpeg / webp: smaller files at the quality below. None of "
+             "them carries metadata.", "png", options=("png", "jpeg", "webp")),
+        Port("quality", "INT", "JPEG / WebP quality (100 = best); not used for PNG.", 95, 1, 100, 1),
+    ),
+    outputs=(),
+    output_node=True,
+)
+
+ALL_NODES: tuple[NodeSpec, ...] = (LOAD_PHOTOS, SPLIT, TRAIN, SIMILARITY, LOAD_LORA, SAVE_PUBLIC_IMAGE)
 BY_ID = {spec.node_id: spec for spec in ALL_NODES}
 
 

@@ -30,7 +30,8 @@ class IDDMTrain(io.ComfyNode):
         from .photo_nodes import load_face_detector
         from .progress import ComfyProgress, cancel_requested, raise_if_interrupted
 
-        file_name = lora_file_name(lora_name)
+        from comfyui_iddm.private_root import neutral_lora_name
+        file_name = lora_file_name(lora_name or neutral_lora_name())
         path = loras_dir() / file_name
         check_writable(path, overwrite)  # refuse before any work starts
         ref, prot = comfy_to_engine(reference), comfy_to_engine(protection)

@@ -201,9 +201,10 @@ def make_face_photos(folder: Path, count: int = 6) -> list[Path]:
 
 
 def tiny_run(api: dict, folder: str, lora_suffix: str) -> dict:
-    """A shipped API workflow scaled down to a CPU run of a minute or two on the tiny checkpoint."""
+    """A shipped API workflow scaled down to a CPU run of a minute or two on the tiny checkpoint;
+    LoRA names become iddm_test<suffix>_<node id>."""
     graph = json.loads(json.dumps(api))
-    for node in graph.values():
+    for node_id, node in graph.items():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = CHECKPOINT_NAME
@@ -213,9 +214,7 @@ def tiny_run(api: dict, folder: str, lora_suffix: str) -> dict:
             inputs.update(reference_count=3)
         elif kind == "IDDMTrain":
             inputs.update(iterations=1, pgd_steps=2, ft_steps=2, batch_size=1,
-                          lora_name=inputs["lora_name"] + lora_suffix)
-        elif kind == "IDDMLoadProtectedLoRA" and inputs.get("lora_name"):
-            inputs["lora_name"] = inputs["lora_name"].replace(".safetensors", lora_suffix + ".safetensors")
+                          lora_name=f"iddm_test{lora_suffix}_{node_id}")
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=2)
         elif kind == "KSampler":

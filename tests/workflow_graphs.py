@@ -56,9 +56,9 @@ def _node(class_type: str, title: str, **inputs) -> dict:
     return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
 
 
-def _train(defs, model_from: str, photos_from: str, rho: float, lora_name: str, title: str) -> dict:
+def _train(defs, model_from: str, photos_from: str, rho: float, title: str) -> dict:
     knobs = widget_defaults("IDDMTrain", defs)
-    knobs.update(rho=rho, lora_name=lora_name)
+    knobs.update(rho=rho, lora_name="")  # empty: a neutral name is chosen at run time
     return _node("IDDMTrain", title, model=[model_from, 0], clip=[model_from, 1], vae=[model_from, 2],
                  reference=[photos_from, 0], protection=[photos_from, 1], **knobs)
 
@@ -66,8 +66,8 @@ def _train(defs, model_from: str, photos_from: str, rho: float, lora_name: str, 
 def _generate(graph: dict, first_id: int, defs, lora_from: list | None, lora_file: str, reference_from: str,
               label: str, checkpoint_id: str = "1", negative_id: str = "3", latent_id: str = "4") -> None:
     """Load Protected LoRA -> prompt -> KSampler -> VAE Decode -> Identity Similarity -> outputs."""
-    ids = [str(first_id + i) for i in range(6)]
-    load, positive, sampler, decode, similarity, preview = ids
+    ids = [str(first_id + i) for i in range(7)]
+    load, positive, sampler, decode, similarity, preview, save = ids
     lora_inputs = {"lora": lora_from} if lora_from else {}
     graph[load] = _node("IDDMLoadProtectedLoRA", f"Load Protected LoRA {label}".strip(),
                         model=[checkpoint_id, 0], clip=[checkpoint_id, 1], lora_name=lora_file,
@@ -82,10 +82,12 @@ def _generate(graph: dict, first_id: int, defs, lora_from: list | None, lora_fil
     graph[similarity] = _node("IDDMIdentitySimilarity", f"Identity Similarity {label}".strip(),
                               generated=[decode, 0], reference=[reference_from, 0], recognizer="auto",
                               **sim_inputs)
-    # Final outputs: stock Preview (nothing written to output/). Issue 6's Save Public Image
-    # (metadata-free) replaces it for publishing once it exists.
+    # For looking: the annotated grid in a stock Preview (a temp file, nothing kept). For publishing:
+    # Save Public Image, which writes no prompt, workflow or LoRA name into the files.
     graph[preview] = _node("PreviewImage", f"Portraits with similarity {label}".strip(),
                            images=[similarity, 3])
+    graph[save] = _node("IDDMSavePublicImage", f"Save Public Image {label}".strip(), images=[decode, 0],
+                        filename_prefix="portrait", format="png", quality=95)
 
 
 def _common(defs, checkpoint: str, folder: str) -> dict:
@@ -102,7 +104,7 @@ def _common(defs, checkpoint: str, folder: str) -> dict:
 
 def train_and_generate(defs) -> dict:
     graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
-    graph["6"] = _train(defs, "1", "5", 0.3, "iddm_protected", "IDDM Train")
+    graph["6"] = _train(defs, "1", "5", 0.3, "IDDM Train")
     _generate(graph, 10, defs, ["6", 0], "", "5", "")
     return graph
 
@@ -112,7 +114,7 @@ def privacy_sweep(defs) -> dict:
     for column, rho in enumerate((0.1, 0.3, 0.5)):
         train_id = str(6 + column)
         label = f"rho {rho}"
-        graph[train_id] = _train(defs, "1", "5", rho, f"iddm_rho{int(rho * 10):02d}", f"IDDM Train {label}")
+        graph[train_id] = _train(defs, "1", "5", rho, f"IDDM Train {label}")
         _generate(graph, 10 + 10 * column, defs, [train_id, 0], "", "5", f"({label})")
     return graph
 

@@ -1,0 +1,170 @@
+"""The ComfyUI door without ComfyUI: node declarations, conversions at the door, the entry point's
+behaviour on a ComfyUI too old for V3 nodes. (tests/comfyui/ checks the rest on a real server.)"""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pack_nodes
+from comfyui_iddm.config import KNOBS, IDDMConfig
+
+spec = pack_nodes.load("spec")
+convert = pack_nodes.load("convert")
+
+NODE_IDS = ["IDDMLoadPrivatePhotos", "IDDMSplitReferenceProtection", "IDDMTrain",
+            "IDDMIdentitySimilarity", "IDDMLoadProtectedLoRA"]
+
+
+def test_node_ids_are_the_stable_ones_workflows_depend_on():
+    ids = [node.node_id for node in spec.ALL_NODES]
+    assert ids[:5] == NODE_IDS and len(set(ids)) == len(ids)
+
+
+def test_every_input_and_output_explains_itself_to_a_newcomer():
+    for node in spec.ALL_NODES:
+        assert len(node.description) > 60, node.node_id
+        names = [p.name for p in node.inputs]
+        assert len(set(names)) == len(names), node.node_id
+        for port in node.inputs + node.outputs:
+            assert len(port.tooltip) > 15, f"{node.node_id}.{port.name} has no real tooltip"
+
+
+def test_knob_tooltips_and_defaults_come_from_the_engine_config():
+    defaults = IDDMConfig()
+    for port in spec.TRAIN.inputs:
+        if port.name in KNOBS:
+            assert port.tooltip == KNOBS[port.name].help
+            expected = getattr(defaults, port.name)
+            if isinstance(expected, tuple):
+                expected = ",".join(map(str, expected))
+            assert port.default == expected, port.name
+
+
+def test_train_node_exposes_every_knob_except_the_ones_the_door_decides():
+    fields = {f.name for f in dataclasses.fields(IDDMConfig)}
+    # resolution is the size of the incoming crops; gradient checkpointing is not wired in ComfyUI yet.
+    assert set(spec.train_config_names()) == fields - {"resolution", "gradient_checkpointing"}
+
+
+def test_train_node_defaults_make_a_valid_config():
+    values = {p.name: p.default for p in spec.TRAIN.inputs if p.name in spec.train_config_names()}
+    config = IDDMConfig(resolution=512, **values)
+    assert config.rho == 0.3 and config.recognizers == ("auto",) and config.stage2_timesteps == (0, 200)
+
+
+def test_widget_defaults_lie_inside_their_own_limits():
+    for node in spec.ALL_NODES:
+        for port in node.inputs:
+            if port.type in ("INT", "FLOAT") and port.default is not None:
+                assert port.min <= port.default <= port.max, f"{node.node_id}.{port.name}"
+            if port.type == "COMBO" and port.options:
+                assert port.default in port.options, f"{node.node_id}.{port.name}"
+            if port.type == "COMBO":
+                assert port.options or port.options_from, f"{node.node_id}.{port.name} has no choices"
+
+
+def test_open_lower_limits_stay_above_zero():
+    for name in ("tau", "pgd_alpha", "lr", "lora_alpha"):
+        port = spec.TRAIN.input(name)
+        assert port.min > 0
+        IDDMConfig(**{name: port.min})  # the smallest value the widget allows is a valid config
+
+
+def test_image_conversion_round_trip_and_layouts():
+    comfy = torch.rand(2, 16, 24, 3)
+    engine = convert.comfy_to_engine(comfy)
+    assert engine.shape == (2, 3, 16, 24) and engine.dtype == torch.float32
+    assert torch.equal(engine[1, 2], comfy[1, :, :, 2])
+    assert torch.equal(convert.engine_to_comfy(engine), comfy)
+    rgba = torch.rand(1, 8, 8, 4)
+    assert torch.equal(convert.comfy_to_engine(rgba), rgba[..., :3].permute(0, 3, 1, 2))
+    grey = torch.rand(1, 8, 8, 1)
+    assert torch.equal(convert.comfy_to_engine(grey)[0, 1], grey[0, :, :, 0])
+    with pytest.raises(ValueError, match=r"\[B,H,W,C\]"):
+        convert.comfy_to_engine(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        convert.engine_to_comfy(torch.rand(1, 8, 8, 3))
+
+
+def test_images_from_inference_mode_can_be_trained_on():
+    with torch.inference_mode():  # how ComfyUI hands IMAGE tensors to a node
+        comfy = torch.rand(1, 8, 8, 3)
+    engine = convert.comfy_to_engine(comfy)
+    assert not engine.is_inference()
+    x = engine.requires_grad_(True)
+    (x * 2).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("name,expected", [("iddm_20260101_abc123", "iddm_20260101_abc123.safetensors"),
+                                           ("my lora.v2.safetensors", "my lora.v2.safetensors")])
+def test_lora_names_become_plain_file_names(name, expected):
+    assert convert.lora_file_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "/abs", "", ".hidden", "x..y"])
+def test_lora_names_that_could_escape_models_loras_are_refused(name):
+    with pytest.raises(ValueError, match="plain file name"):
+        convert.lora_file_name(name)
+
+
+def test_photo_report_names_photos_by_number_only():
+    from comfyui_iddm.photos import PhotoIssue
+
+    issues = [PhotoIssue(2, "anna_beach.jpg", "no face found (skipped)"),
+              PhotoIssue(None, "notes.txt", "not an image file (skipped)")]
+    report = convert.photo_report(5, issues)
+    assert report.splitlines() == ["5 photo(s) usable.", "photo 3: no face found (skipped)",
+                                   "one file: not an image file (skipped)"]
+    assert "anna" not in report and "notes" not in report
+
+
+def test_iddm_lora_knows_its_surrogates_from_the_metadata():
+    from comfyui_iddm.lora_io import lora_metadata
+
+    config = IDDMConfig(recognizers="auto")
+    figures = {"identity": {"surrogate": {"dlib_resnet": {"before": 0.9, "after": 0.5}},
+                            "held-out": {"arcface": {"before": 0.8, "after": 0.7}}}}
+    lora = convert.IddmLora("x.safetensors", {}, lora_metadata(config, figures))
+    assert lora.surrogates() == ("dlib_resnet",)
+    named = convert.IddmLora("y.safetensors", {}, lora_metadata(IDDMConfig(recognizers="irse50,facenet"), {}))
+    assert named.surrogates() == ("irse50", "facenet")
+    assert convert.IddmLora("z", {}, {}).surrogates() == ()
+
+
+def test_labelled_grid_puts_each_label_under_its_image():
+    annotate = pack_nodes.load("annotate")
+    images = torch.zeros(3, 3, 32, 40)
+    images[1] = 1.0
+    grid = annotate.labelled_grid(images, ["0.12", "no face", "0.98"], columns=2)
+    band = 14
+    assert grid.shape == (1, 3, 2 * (32 + band), 2 * 40)
+    assert torch.all(grid[0, :, :32, 40:80] == 1.0)  # image 1, top right
+    caption = grid[0, :, 32:32 + band, :40]
+    assert caption.min() < 0.5 < caption.max()  # dark text on the white band
+    with pytest.raises(ValueError, match="labels"):
+        annotate.labelled_grid(images, ["a"])
+
+
+def test_old_comfyui_gets_a_message_not_a_traceback(tmp_path):
+    """Without comfy_api.latest the pack imports, logs what to do, and offers no nodes."""
+    script = textwrap.dedent(f"""
+        import importlib.util, logging, sys
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        sys.modules["comfy_api"] = None  # as in a ComfyUI older than the V3 API
+        spec = importlib.util.spec_from_file_location("pack", {str(pack_nodes.REPO / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(pack_nodes.REPO)!r}])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        print("MAPPINGS", module.NODE_CLASS_MAPPINGS, hasattr(module, "comfy_entrypoint"), module.WEB_DIRECTORY)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "MAPPINGS {} False ./web" in result.stdout
+    assert "comfy_api.latest" in result.stderr and "Update ComfyUI" in result.stderr
+    assert "Traceback" not in result.stderr
