@@ -3,35 +3,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from . import spec
 from .places import OPTION_SOURCES
 from .schema import build_schema
-from .spec import NodeSpec, Port
-
-SAVE_PUBLIC_IMAGE = NodeSpec(
-    node_id="IDDMSavePublicImage",
-    display_name="IDDM Save Public Image",
-    description=("Saves images for publishing with nothing but the pixels. The stock Save Image node "
-                 "writes the whole graph into every PNG (your photo folder's name, the LoRA's name, "
-                 "every prompt and setting), and anyone you send the file to can read it. This node "
-                 "writes no prompt, no workflow, no text of any kind."),
-    inputs=(
-        Port("images", "IMAGE", "The images to publish."),
-        Port("filename_prefix", "STRING", "Start of the file names in ComfyUI's output folder ('sub/name' "
-             "saves into a subfolder). File names travel with the images: don't name the person.",
-             "portrait"),
-        Port("format", "COMBO", "png: lossless. jpeg / webp: smaller files at the quality below. None of "
-             "them carries metadata.", "png", options=("png", "jpeg", "webp")),
-        Port("quality", "INT", "JPEG / WebP quality (100 = best); not used for PNG.", 95, 1, 100, 1),
-    ),
-    outputs=(),
-    output_node=True,
-)
 
 
 class IDDMSavePublicImage(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return build_schema(SAVE_PUBLIC_IMAGE, OPTION_SOURCES)
+        return build_schema(spec.SAVE_PUBLIC_IMAGE, OPTION_SOURCES)
 
     @classmethod
     def execute(cls, images, filename_prefix: str, format: str, quality: int) -> io.NodeOutput:

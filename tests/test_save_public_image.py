@@ -103,6 +103,6 @@ def test_node_declaration_says_why_it_exists():
     if node is None:
         pytest.skip("the Save Public Image declaration is not in nodes/spec.py yet")
     assert node.node_id == "IDDMSavePublicImage" and node.output_node and node.outputs == ()
-    assert "metadata" in node.description and "Save Image" in node.description
+    assert "Save Image node writes the whole graph" in node.description and "no workflow" in node.description
     assert [p.name for p in node.inputs] == ["images", "filename_prefix", "format", "quality"]
     assert node.input("format").options == ("png", "jpeg", "webp")
