@@ -40,8 +40,10 @@ AUDITED_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".json"}
 MAX_TEXT_BYTES = 64 * 1024 * 1024
 
 # UI-format workflows store widget values by position. Positions of the sensitive widgets of the
-# IDDM nodes (tests/test_audit.py checks them against nodes/spec.py).
-UI_SENSITIVE_WIDGETS = {"IDDMLoadPrivatePhotos": {0: "folder"}, "IDDMTrain": {16: "lora_name"}}
+# IDDM nodes (tests/test_audit.py checks them against nodes/spec.py) and the stock LoRA loaders.
+UI_SENSITIVE_WIDGETS = {"IDDMLoadPrivatePhotos": {0: "folder"}, "IDDMTrain": {16: "lora_name"},
+                        "IDDMLoadProtectedLoRA": {0: "lora_name"}, "LoraLoader": {0: "lora_name"},
+                        "LoraLoaderModelOnly": {0: "lora_name"}}
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
