@@ -163,3 +163,23 @@ def test_arcface_is_found_in_an_insightface_pack_beside_the_weights_folder(tmp_p
     weights = tmp_path / "facerecognition"
     weights.mkdir()
     assert registry.RECOGNIZERS["arcface"].locate(weights) == pack / "w600k_r50.onnx"
+
+
+def test_missing_packages_name_the_install_command(monkeypatch):
+    import sys
+
+    from comfyui_iddm.faces.detect import MTCNNDetector
+    from comfyui_iddm.faces.nets.facenet import build_facenet
+    monkeypatch.setitem(sys.modules, "facenet_pytorch", None)  # import fails as if not installed
+    for build in (build_facenet, MTCNNDetector):
+        with pytest.raises(ImportError, match="pip install --no-deps facenet-pytorch"):
+            build()
+
+
+def test_missing_sample_photos_say_how_to_get_them(monkeypatch):
+    import importlib.util
+
+    from comfyui_iddm import samples
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps insightface"):
+        samples.group_photo()
