@@ -31,6 +31,8 @@ class ModelLoadError(ValueError):
 
 
 class ImageCodec(Protocol):
+    downscale: int  # latent side = image side / downscale
+
     def encode(self, images: Tensor) -> Tensor: ...
     def decode(self, latents: Tensor) -> Tensor: ...
 
@@ -44,6 +46,7 @@ class KLCodec:
     def __init__(self, vae) -> None:
         self.vae = vae
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def encode(self, images: Tensor) -> Tensor:
         posterior = self.vae.encode(images * 2 - 1).latent_dist
@@ -109,6 +112,10 @@ class DiffusersDenoiser:
         return self.prompt_encoder(list(prompts)).to(self.device, torch.float32)
 
     def encode(self, images: Tensor) -> Tensor:
+        factor = self.codec.downscale
+        if images.shape[-1] % factor or images.shape[-2] % factor:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {factor}; "
+                             f"crop or resize the photos to a multiple of {factor} (e.g. --resolution 256).")
         return self.codec.encode(images.to(self.device))
 
     def decode(self, latents: Tensor) -> Tensor:

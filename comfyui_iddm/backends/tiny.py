@@ -32,11 +32,9 @@ class PixelUnshuffleCodec(nn.Module):
     """
 
     scaling_factor = 1.0
+    downscale = DOWNSCALE
 
     def encode(self, images: Tensor) -> Tensor:
-        if images.shape[-1] % DOWNSCALE or images.shape[-2] % DOWNSCALE:
-            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {DOWNSCALE}; "
-                             "crop or resize the photos to a multiple of 8 (e.g. --resolution 256).")
         return F.pixel_unshuffle(images * 2 - 1, DOWNSCALE)
 
     def decode(self, latents: Tensor) -> Tensor:
