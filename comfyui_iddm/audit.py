@@ -313,6 +313,8 @@ _OTHER_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s\"'<>]*", re.I)
 _PHOTO_NAME = re.compile(
     r"(?<![\w.-])[\w][\w.()+,&'-]*\.(?:jpe?g|jpe|jfif|png|webp|heic|heif|avif|tiff?|bmp|gif|dng|cr2|"
     r"cr3|nef|arw|orf|rw2|raf)(?![\w])|\b(?:IMG|DSC[NF]?|PXL|MVIMG|VID)[_-]?\d{3,}[\w-]*", re.I)
+# ComfyUI names what it saves <prefix>_<5-digit counter>_.<ext>: generated images, not photos.
+_COMFY_OUTPUT = re.compile(r"_\d{5}_\.(?:png|jpe?g|webp)$", re.I)
 _HOME = [re.compile(p, re.I) for p in (
     r"^(?:/var)?/home/([^/]+)", r"^/Users/([^/]+)", r"^/mnt/[a-z]/Users/([^/]+)",
     r"^[a-z]:/(?:Users|Documents and Settings)/([^/]+)", r"^/(root)(?:/|$)", r"^~([^/]*)")]
@@ -344,7 +346,7 @@ def scan_string(text: str, where: str) -> list[Finding]:
             kind = "home_dir" if home_user(value) is not None else "absolute_path"
             findings.append(Finding(where, kind, value))
     for match in _PHOTO_NAME.finditer(without_urls):
-        if not any(s <= match.start() < e for s, e in spans):
+        if not any(s <= match.start() < e for s, e in spans) and not _COMFY_OUTPUT.search(match.group(0)):
             findings.append(Finding(where, "photo_file_name", match.group(0)))
     return findings
 

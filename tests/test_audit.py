@@ -206,6 +206,7 @@ def test_truncated_and_damaged_images_do_not_crash():
     ("https://example.com/models/x/y.png and hf://org/repo/a.png", []),
     ("16:9, AC/DC, 1/2/3, a photo of sks person, 0,200, euler", []),
     ("v1-5-pruned-emaonly.safetensors", []),
+    ("ComfyUI_00012_.png, portrait_temp_abcde_00001_.webp", []),  # ComfyUI's own output names
 ])
 def test_scan_string(text, expected):
     assert kinds(scan_string(text, "t")) == sorted(expected)
