@@ -4,6 +4,7 @@ then random SD-shaped diffusers folders and (with ComfyUI) a single-file checkpo
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -312,7 +313,7 @@ def write_sd15_config_folder(root, unet_config: dict) -> None:
                                         + ["<|startoftext|>", "<|endoftext|>"])}
     CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(root / "tokenizer")
     DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  clip_sample=False).save_pretrained(root / "scheduler")
+                  clip_sample=False, steps_offset=1).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -320,11 +321,24 @@ def write_sd15_config_folder(root, unet_config: dict) -> None:
         "safety_checker": [None, None], "feature_extractor": [None, None]}))
 
 
+# Runs in ComfyUI's interpreter: the kohya LoRA keys ComfyUI maps for a checkpoint (argv[1]).
+_COMFY_LORA_KEYS = r'''
+import json, sys
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.lora, comfy.sd
+model = comfy.sd.load_checkpoint_guess_config(sys.argv[1], output_vae=False, output_clip=False)[0]
+print(json.dumps(sorted(k for k in comfy.lora.model_lora_keys_unet(model.model, {}) if k.startswith("lora_unet_"))))
+'''
+
+
 @pytest.mark.slow
 @pytest.mark.comfyui
-def test_a_single_file_sd15_checkpoint_loads_offline_with_a_config_folder(tmp_path):
+def test_a_single_file_sd15_checkpoint_loads_offline_and_comfyui_maps_its_lora_keys(tmp_path):
     """The random SD1.5 single file the ComfyUI tests build (channel_mult [1], one res block)."""
-    from comfyui_fixtures import comfyui_path, ensure_tiny_checkpoint
+    import subprocess
+
+    from comfyui_fixtures import comfyui_path, comfyui_python, ensure_tiny_checkpoint
 
     root = comfyui_path()
     if root is None:
@@ -341,5 +355,9 @@ def test_a_single_file_sd15_checkpoint_loads_offline_with_a_config_folder(tmp_pa
     assert z0.shape == (1, 4, 8, 8) and cond.shape == (1, 77, 768)
     t = torch.tensor([10])
     assert torch.isfinite(d.predict(d.add_noise(z0, torch.randn_like(z0), t), t, cond)).all()
-    assert all(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn")
-               or k.startswith(("lora_unet_mid_block_", "lora_unet_up_blocks_0_")) for k in d.lora_state_dict())
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in d.lora_state_dict()}
+    assert len(stems) == 4 * 2 * 4  # transformer blocks (1 down, 1 mid, 2 up) x attn1/attn2 x q,k,v,out
+    comfy = subprocess.run([comfyui_python(), "-c", _COMFY_LORA_KEYS, str(checkpoint)], cwd=root,
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert comfy.returncode == 0, comfy.stderr[-3000:]
+    assert stems <= set(json.loads(comfy.stdout.strip().splitlines()[-1]))
