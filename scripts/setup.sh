@@ -18,4 +18,5 @@ fi
 pip install -e ".[test]"
 # facenet-pytorch pins torch<2.3 in its metadata: never let pip resolve its deps.
 # insightface: only its sample photos are used (demo/tests); its heavy deps are not needed.
-pip install --no-deps "facenet-pytorch>=2.5" "insightface>=0.7"
+# onnx2torch (ArcFace from InsightFace packs) declares torchvision: same treatment.
+pip install --no-deps "facenet-pytorch>=2.5" "insightface>=0.7" "onnx2torch>=1.5"
