@@ -15,8 +15,13 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+class OutputWriteError(OSError):
+    """Writing an output failed (disk full, read-only folder, ...); the old file, if any, is intact."""
+
+
 def check_writable(path: Path, overwrite: bool) -> None:
-    """Refuse before any work starts: an existing output without overwrite, or a missing folder."""
+    """Refuse before any work starts: an existing output without overwrite, a missing folder, or a
+    folder in which no file can be created (read-only, no permission)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; choose another name or allow overwriting "
@@ -24,21 +29,45 @@ def check_writable(path: Path, overwrite: bool) -> None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder {path.parent} for output {path.name} does not exist; "
                                 "create it first.")
+    check_folder_writable(path.parent, path.name)
+
+
+def check_folder_writable(folder: Path, what: str) -> None:
+    """Creates and deletes a probe file, the only check that holds for ACLs, read-only mounts and
+    network drives alike (os.access does not)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".iddm-probe-", dir=folder)
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {what} in {folder} ({err.strerror or err}); choose a "
+                               "folder you can write to, or make this one writable.") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temp path beside `path`; on success renames it over `path`, on error deletes it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        raise _write_error(path, err) from err
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, err: OSError) -> OutputWriteError:
+    return OutputWriteError(f"could not write {path} ({err.strerror or err}); free some disk space or "
+                            f"choose a folder you can write to. {path.name} was left as it was.")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

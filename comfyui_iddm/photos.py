@@ -243,6 +243,10 @@ def crop_faces(photos: Iterable[tuple[int, str, Image.Image]], resolution: int, 
     issues = [] if issues is None else issues
     crops, landmarks, scores, kept = [], [], [], []
     for index, name, img in photos:
+        if min(img.size) < MIN_FACE_SIDE:
+            issues.append(PhotoIssue(index, name, f"only {img.width}x{img.height} px; a face photo needs "
+                                                  f"at least {MIN_FACE_SIDE} px on each side (skipped)"))
+            continue
         face = centred_face(img.size) if detector is None else _main_face(detector, img, index, name, issues)
         if face is None:
             continue

@@ -140,10 +140,12 @@ class FolderOutputs:
         atomic.check_writable(self.lora, self.overwrite)
         if self.report is not None:
             atomic.check_writable(self.report, self.overwrite)
-        if self.decoupled_dir is not None and self.decoupled_dir.exists() and any(self.decoupled_dir.iterdir()) \
-                and not self.overwrite:
-            raise atomic.OutputExistsError(f"{self.decoupled_dir} is not empty; choose an empty folder for X' "
-                                           "or allow overwriting (--overwrite).")
+        if self.decoupled_dir is not None:
+            if self.decoupled_dir.exists() and any(self.decoupled_dir.iterdir()) and not self.overwrite:
+                raise atomic.OutputExistsError(f"{self.decoupled_dir} is not empty; choose an empty folder "
+                                               "for X' or allow overwriting (--overwrite).")
+            nearest = next(p for p in (self.decoupled_dir, *self.decoupled_dir.parents) if p.exists())
+            atomic.check_folder_writable(nearest, "the decoupled photos (X')")
         if self.state_dir.exists() and not resume:
             raise atomic.OutputExistsError(
                 f"an unfinished run for {self.lora.name} was found in {self.state_dir}; continue it with "
@@ -173,11 +175,16 @@ def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: ID
     result = train_on_photos(denoiser, reference, protection, config, weights_dir=weights_dir,
                              evaluators=evaluators, on_progress=on_progress, should_cancel=should_cancel,
                              state_dir=outputs.state_dir)
-    if outputs.decoupled_dir is not None:
-        save_decoupled(result.decoupled, outputs.decoupled_dir)
-    if outputs.report is not None:
-        atomic.write_text(outputs.report, json.dumps(result.report, indent=2))
-    save_lora(outputs.lora, result.lora, result.metadata, overwrite=outputs.overwrite)
+    try:
+        if outputs.decoupled_dir is not None:
+            save_decoupled(result.decoupled, outputs.decoupled_dir)
+        if outputs.report is not None:
+            atomic.write_text(outputs.report, json.dumps(result.report, indent=2))
+        save_lora(outputs.lora, result.lora, result.metadata, overwrite=outputs.overwrite)
+    except OSError as err:  # disk full, folder gone read-only: hours of training must not be lost
+        raise atomic.OutputWriteError(f"{err} The trained result is kept in {outputs.state_dir}; once the "
+                                      "problem is fixed, rerun the same command with --resume --overwrite "
+                                      "to write the outputs without training again.") from err
     shutil.rmtree(outputs.state_dir, ignore_errors=True)
     return result
 
