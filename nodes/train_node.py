@@ -43,6 +43,9 @@ class IDDMTrain(io.ComfyNode):
             reference_set = face_crops(ref, detector, "reference")
             protection_set = face_crops(prot, detector, "protection")
             classes = comfy_to_engine(class_images) if class_images is not None else None
+            logging.info(f"[IDDM] training {file_name}: {config.iterations} iteration(s), "
+                         f"{total_steps(config)} steps, {len(reference_set)} reference + "
+                         f"{len(protection_set)} protection photos at {resolution} px")
             denoiser = ComfyDenoiser(model, clip, vae, rank=config.rank, lora_alpha=config.lora_alpha,
                                      seed=config.seed, mixed_precision=config.mixed_precision)
             try:

@@ -146,7 +146,7 @@ def to_ui(api: dict, defs: dict) -> dict:
             depth[node_id] = 1 + max((depth_of(s) for s in sources), default=-1)
         return depth[node_id]
 
-    rows: dict[int, int] = {}
+    column_y: dict[int, int] = {}
     nodes, links = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     for node_id in sorted(api, key=int):
@@ -158,8 +158,9 @@ def to_ui(api: dict, defs: dict) -> dict:
         node = api[node_id]
         d = defs[node["class_type"]]
         column = depth_of(node_id)
-        row = rows.get(column, 0)
-        rows[column] = row + 1
+        height = _height(node["class_type"], d)
+        y = column_y.get(column, 40)
+        column_y[column] = y + height + 60
         inputs, widgets = [], []
         for name, spec in d["inputs"].items():
             value = node["inputs"].get(name)
@@ -177,13 +178,22 @@ def to_ui(api: dict, defs: dict) -> dict:
             inputs.append({"name": name, "type": spec["type"], "link": link_id})
         outputs = [{"name": n, "type": t, "links": out_links.get((node_id, slot), []), "slot_index": slot}
                    for slot, (t, n) in enumerate(zip(d["outputs"], d["output_names"]))]
-        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * column, 40 + 320 * row],
-                      "size": [340, 260], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * column, y],
+                      "size": [340, height], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
                       "outputs": outputs, "title": node["_meta"]["title"],
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     nodes.sort(key=lambda n: n["id"])
     return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes,
             "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def _height(class_type: str, d: dict) -> int:
+    """Roughly what the canvas draws: a row per socket line and per widget, plus panels."""
+    widgets = sum(1 + bool(s.get("control_after_generate")) for s in d["inputs"].values()
+                  if s["type"] in WIDGET_TYPES)
+    sockets = max(len(d["outputs"]), sum(1 for s in d["inputs"].values() if s["type"] not in WIDGET_TYPES))
+    extra = {"IDDMTrain": 180, "IDDMIdentitySimilarity": 70, "CLIPTextEncode": 90}.get(class_type, 0)
+    return 40 + 24 * sockets + 28 * widgets + extra
 
 
 def ui_to_api(ui: dict, defs: dict) -> dict:

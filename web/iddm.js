@@ -99,7 +99,12 @@ class TrainChart {
       ctx.fillStyle = color;
       ctx.lineWidth = 1.5;
       ctx.beginPath();
-      points.forEach((p, i) => (i ? ctx.lineTo(xOf(p.done), yOf(p.value)) : ctx.moveTo(xOf(p.done), yOf(p.value))));
+      points.forEach((p, i) => {
+        // A new stroke where the series pauses (e.g. between the two fine-tunes of an iteration).
+        const joined = i > 0 && p.done === points[i - 1].done + 1;
+        if (joined) ctx.lineTo(xOf(p.done), yOf(p.value));
+        else ctx.moveTo(xOf(p.done), yOf(p.value));
+      });
       ctx.stroke();
       for (const p of points) ctx.fillRect(xOf(p.done) - 1.5, yOf(p.value) - 1.5, 3, 3);
     };
