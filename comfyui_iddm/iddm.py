@@ -82,6 +82,8 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
     landmarks = protection_landmarks.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(denoiser.trainable_parameters(), lr=config.lr, weight_decay=1e-2)
+    scaler = (torch.amp.GradScaler(device.type)
+              if config.mixed_precision == "fp16" and device.type == "cuda" else None)
     step_counter = _StepCounter(total_steps(config), on_progress, should_cancel)
 
     with torch.no_grad():
@@ -110,7 +112,7 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
 
         # Step 1: Θ'k <- FT(Θk-1; Xc)
         record.ft_loss += fine_tune(denoiser, optimizer, reference_latents, cond, config.ft_steps,
-                                    config.batch_size, generator, prior,
+                                    config.batch_size, generator, prior, scaler,
                                     step_counter.reporter(k, "finetune_reference", config.ft_steps))
 
         # Step 2: Stage I then Stage II on the protection photos, model frozen
@@ -121,7 +123,7 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
         with torch.no_grad():
             decoupled_latents = denoiser.encode(x_prime)
         record.ft_loss += fine_tune(denoiser, optimizer, decoupled_latents, cond, config.ft_steps,
-                                    config.batch_size, generator, prior,
+                                    config.batch_size, generator, prior, scaler,
                                     step_counter.reporter(k, "finetune_decoupled", config.ft_steps))
         record.seconds = time.perf_counter() - k_started
         history.append(record)

@@ -21,6 +21,7 @@ class PriorPreservation:
 def fine_tune(denoiser: Denoiser, optimizer: torch.optim.Optimizer, latents: Tensor, cond: Tensor,
               steps: int, batch_size: int, generator: torch.Generator,
               prior: PriorPreservation | None = None,
+              scaler: torch.amp.GradScaler | None = None,
               after_step: Callable[[int, float], None] = lambda step, loss: None) -> list[float]:
     """`steps` optimizer steps on random batches of `latents`; returns the loss of each step."""
     losses = []
@@ -32,8 +33,13 @@ def fine_tune(denoiser: Denoiser, optimizer: torch.optim.Optimizer, latents: Ten
             loss = loss + prior.weight * reconstruction_loss(
                 denoiser, prior_batch, prior.cond, draw_noise(denoiser, prior_batch, generator))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16 autocast: scale the loss so small LoRA gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         losses.append(float(loss.detach()))
         after_step(step + 1, losses[-1])
     return losses

@@ -84,7 +84,9 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
                "identity": {role: {row["recognizer"]: {"before": row["before"], "after": row["after"]}
                                    for row in identity if row["role"] == role}
                             for role in ("surrogate", "held-out")}}
-    return TrainOutput(result.lora, lora_metadata(config, figures), result.decoupled, report)
+    metadata = lora_metadata(config, figures,
+                            base_model_version=getattr(denoiser, "base_model_version", None))
+    return TrainOutput(result.lora, metadata, result.decoupled, report)
 
 
 def identity_before_after(recognizers, roles: RecognizerRoles, reference: PhotoSet, protection: PhotoSet,
