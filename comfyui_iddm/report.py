@@ -100,23 +100,29 @@ def identity_plot(identity: Sequence[dict[str, Any]]) -> bytes | None:
         return None
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(identity) + 2), 3.4))
-    width = 0.38
+    control = all("control" in row for row in identity)
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.0 * len(identity) + 2), 3.8))
+    width = 0.27 if control else 0.38
     for i, row in enumerate(identity):
         colour = ROLE_COLOURS.get(row["role"], "#7f8c8d")
-        ax.bar(i - width / 2, row["before"], width, color=colour, alpha=0.35, edgecolor=colour)
-        ax.bar(i + width / 2, row["after"], width, color=colour, edgecolor=colour)
-        for dx, value in ((-width / 2, row["before"]), (width / 2, row["after"])):
-            ax.text(i + dx, value + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+        bars = [(row["before"], dict(color=colour, alpha=0.35)), (row["after"], dict(color=colour))]
+        if control:
+            bars.append((row["control"], dict(color="white", hatch="///")))
+        offsets = [(j - (len(bars) - 1) / 2) * width for j in range(len(bars))]
+        for dx, (value, style) in zip(offsets, bars):
+            ax.bar(i + dx, value, width, edgecolor=colour, **style)
+            ax.text(i + dx, max(value, 0) + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(identity)))
     ax.set_xticklabels([f"{r['recognizer']}\n({r['role']})" for r in identity], fontsize=8)
     ax.set_ylabel("cosine to the identity prototype", fontsize=8)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylim(min(0.0, *(min(r["before"], r["after"]) - 0.05 for r in identity)), 1.05)
-    ax.legend(handles=[Patch(facecolor="#999", alpha=0.35, label="before (X0)"),
-                       Patch(facecolor="#999", label="after (X')"),
-                       *(Patch(facecolor=c, label=role) for role, c in ROLE_COLOURS.items())],
-              fontsize=7, loc="upper right", ncol=2)
+    handles = [Patch(facecolor="#999", alpha=0.35, label="before (X0)"), Patch(facecolor="#999", label="after (X')")]
+    if control:
+        handles.append(Patch(facecolor="white", edgecolor="#555", hatch="///",
+                             label="control: the same change, shuffled"))
+    handles += [Patch(facecolor=c, label=role) for role, c in ROLE_COLOURS.items()]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     ax.set_title("Similarity to the person, before and after decoupling", fontsize=9)
     return _figure_png(fig)
 
@@ -160,8 +166,9 @@ def strip_image(x0: Tensor, x_prime: Tensor, rows: int = STRIP_ROWS) -> bytes:
 
 
 # --- the page -----------------------------------------------------------------------------------
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+def _img(png: bytes, alt: str, css_class: str = "") -> str:
+    cls = f' class="{css_class}"' if css_class else ""
+    return f'<img{cls} alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequence[str] = ()) -> str:
@@ -190,8 +197,9 @@ def headline(report: dict[str, Any]) -> list[str]:
                      f"{d['linf']:.3f} (eta {report['config']['eta']:g}).")
     for row in report.get("identity", []):
         change = row["after"] - row["before"]
+        control = f"; the same change shuffled: {row['control']:.3f}" if "control" in row else ""
         lines.append(f"{row['recognizer']} ({row['role']}): similarity {row['before']:.3f} -> "
-                     f"{row['after']:.3f} ({change:+.3f}).")
+                     f"{row['after']:.3f} ({change:+.3f}{control}).")
     if not any(r["role"] == "held-out" for r in report.get("identity", [])):
         lines.append("No held-out recognizer was measured: the drop above is under the recognizers "
                      "that were attacked, which overstates how well the protection transfers.")
@@ -219,10 +227,17 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes], strip_png: byte
     if identity:
         if "plot_identity.png" in plots:
             sections.append(_img(plots["plot_identity.png"], "similarity before and after per recognizer"))
-        sections.append(html_table(["recognizer", "role", "before (X0)", "after (X')", "change"],
-                               [(r["recognizer"], r["role"], f"{r['before']:.3f}", f"{r['after']:.3f}",
-                                 f"{r['after'] - r['before']:+.3f}") for r in identity],
-                               [r["role"].replace("-", "") for r in identity]))
+        control = all("control" in r for r in identity)
+        sections.append(html_table(
+            ["recognizer", "role", "before (X0)", "after (X')", "change",
+             *(["control: same change, shuffled"] if control else [])],
+            [(r["recognizer"], r["role"], f"{r['before']:.3f}", f"{r['after']:.3f}", f"{r['after'] - r['before']:+.3f}",
+              *([f"{r['control']:.3f}"] if control else [])) for r in identity],
+            [r["role"].replace("-", "") for r in identity]))
+        if control:
+            sections.append("<p>The control adds to X0 the very same pixel changes as X' but at shuffled "
+                            "positions (same largest change, same PSNR): what noise of this strength does "
+                            "by itself. The protection works where X' falls well below the control.</p>")
     else:
         sections.append("<p class='note'>No recognizer measured the photos in this run.</p>")
 
@@ -231,7 +246,7 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes], strip_png: byte
     if strip_png is not None:
         sections.append("<h2>The photos</h2><p>Each row: X0 (original crop) | X' (protected) | the "
                         "difference, amplified so the largest change spans the grey range (mid-grey = "
-                        "unchanged).</p>" + _img(strip_png, "original, protected and amplified difference"))
+                        "unchanged).</p>" + _img(strip_png, "original, protected and amplified difference", "strip"))
     else:
         sections.append("<h2>The photos</h2><p class='note'>Not shown: photos are included only when "
                         "asked for (the report's image strip is opt-in for your own photos).</p>")
@@ -257,9 +272,14 @@ def _quality_section(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     rows.append((f"{eta:g}", f"{d['psnr']:.1f}", f"{d['ssim']:.3f}", "this run"))
     rows.sort(key=lambda r: (float(r[0]), r[3] == "this run"))
     classes = ["this" if r[3] == "this run" else "" for r in rows]
+    config = report.get("config", {})
+    stage2_steps = config.get("pgd_steps", 0) - int(config.get("rho", 0) * config.get("pgd_steps", 0) + 1e-9)
+    travel = config.get("iterations", 0) * stage2_steps * config.get("pgd_alpha", 0)
     text = ("<h2>How visible is the change?</h2><p>PSNR and SSIM of X' against X0, beside the paper's "
             f"Table 5 (SD 2.1 at 512 px). No pixel moved more than {d['linf']:.3f} (budget eta = {eta:g}). "
-            "Smaller crops and smooth regions give lower PSNR at the same eta.</p>")
+            f"The identity steps could move a pixel up to K × Stage II steps × alpha = {travel:.2f} in "
+            "total; when that is well above eta, most pixels end at the edge of the budget and PSNR "
+            "falls below the paper's (fewer steps or a smaller alpha: higher PSNR, less privacy).</p>")
     plot = _img(plots["plot_quality.png"], "PSNR and SSIM against the paper") if "plot_quality.png" in plots else ""
     return text + "<div class='row'>" + html_table(["eta", "PSNR (dB)", "SSIM", "source"], rows, classes) + plot + "</div>"
 
@@ -294,6 +314,7 @@ tr.heldout td:nth-child(2) {{ color: #2471a3; font-weight: 600; }}
 tr.this td {{ background: #fdedec; font-weight: 600; }}
 .row {{ display: flex; gap: 18px; align-items: center; flex-wrap: wrap; }}
 .row img {{ max-width: 640px; }}
+img.strip {{ max-width: 720px; }}
 </style></head>
 <body>
 {body}

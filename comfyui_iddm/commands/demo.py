@@ -31,13 +31,19 @@ def add_parser(subparsers) -> None:
                        ("eta", float), ("resolution", int), ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                        help=f"override the demo's {name} (default {DEMO_CONFIG[name]})")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model's operations are small, and on a busy "
+                        "machine more threads made each step up to 10x slower here)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..cli import ProgressBar
     from ..demo import demo_config, run_demo
 
+    torch.set_num_threads(max(1, args.threads))
     overrides = {k: getattr(args, k) for k in ("iterations", "pgd_steps", "ft_steps", "rho", "eta",
                                                "resolution", "seed") if getattr(args, k) is not None}
     with ProgressBar() as progress:
