@@ -5,5 +5,5 @@ __init__.py imports the node modules relatively, one at a time, so one failing m
 take the others down. spec.py and convert.py import no ComfyUI code, for tests without ComfyUI.
 """
 
-# Module name -> what it provides; imported in this order by the pack's __init__.py.
+# The node modules (each defines NODES), imported in this order by the pack's __init__.py.
 NODE_MODULES = ("photo_nodes", "train_node", "similarity_node", "lora_node", "save_public_image")

@@ -86,6 +86,10 @@ class ComfyDenoiser:
             raise ValueError(f"this model's sampling ({type(sampling).__mro__[1].__name__}) is not "
                              "supported; IDDM Train works with SD 1.x / 2.x style models "
                              "(epsilon or v-prediction, discrete timesteps).")
+        if getattr(self.base, "adm_channels", 0):
+            raise ValueError("this MODEL needs extra conditioning (SDXL-style size / pooled-text "
+                             "inputs), which IDDM Train does not provide yet; use an SD 1.x / 2.x "
+                             "checkpoint.")
         self.prediction_type = "v_prediction" if isinstance(sampling, ms.V_PREDICTION) else "epsilon"
         self.device = mm.get_torch_device()
         self.mixed_precision = mixed_precision

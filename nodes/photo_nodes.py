@@ -27,6 +27,12 @@ class IDDMLoadPrivatePhotos(io.ComfyNode):
         return build_schema(spec.LOAD_PHOTOS, OPTION_SOURCES)
 
     @classmethod
+    def validate_inputs(cls, folder: str) -> bool | str:
+        # Checked at run time with a message that explains the private-photos root, and not at
+        # all when images are connected instead (the folder list may then be empty).
+        return True
+
+    @classmethod
     def execute(cls, folder: str, resolution: int, face_detector: str, images=None) -> io.NodeOutput:
         from comfyui_iddm.photos import load_photo_folder, photoset_from_images
 

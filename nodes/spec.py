@@ -6,7 +6,7 @@ Tooltips of the IDDM knobs come from comfyui_iddm.config.KNOBS, the one place th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from comfyui_iddm.config import KNOBS, IDDMConfig
@@ -53,7 +53,6 @@ class NodeSpec:
     outputs: tuple[Port, ...]
     output_node: bool = False
     hidden_unique_id: bool = False  # the node needs its own id (to address its web widgets)
-    extra: dict = field(default_factory=dict)
 
     def input(self, name: str) -> Port:
         return next(p for p in self.inputs if p.name == name)
