@@ -96,7 +96,7 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
                                       config.prior_weight)
 
     x_prime, history, first_k, seconds_before = x_orig.clone(), [], 1, 0.0
-    resumed = load_latest_state(state_dir, config) if state_dir is not None else None
+    resumed = load_latest_state(state_dir, config, x_orig.cpu()) if state_dir is not None else None
     if resumed is not None:
         denoiser.load_lora_state_dict(resumed.lora)
         optimizer.load_state_dict(resumed.optimizer)
@@ -158,7 +158,9 @@ def decouple_photos(denoiser: Denoiser, scorer: IdentityScorer | None, x_prime: 
                 loss, similarity = identity_loss(scorer, x0_hat, landmarks)
                 record.stage2_score.append(float(similarity.mean()))
                 step_counter.step(k, "stage2", t - stage1_steps, stage2_steps, record.stage2_score[-1])
-            x_prime = signed_step(x, loss, x_orig, config.pgd_alpha, config.eta)
+            # One memory layout for X' always: the step's output inherits the gradient's layout, and a
+            # resumed run (X' read from disk) must compute bit-identically to an uninterrupted one.
+            x_prime = signed_step(x, loss, x_orig, config.pgd_alpha, config.eta).contiguous()
     return x_prime
 
 

@@ -64,8 +64,11 @@ def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_latest_state(state_dir: Path, config: IDDMConfig) -> RunState | None:
-    """The last finished iteration's state, or None when there is nothing to resume."""
+def load_latest_state(state_dir: Path, config: IDDMConfig, original: Tensor) -> RunState | None:
+    """The last finished iteration's state, or None when there is nothing to resume.
+
+    `original` is X0 of this run: a saved X' farther than eta from it was made from other photos
+    (the check needs no fingerprint of the photos, which must never be stored)."""
     finished = _finished(Path(state_dir)) if Path(state_dir).is_dir() else []
     if not finished:
         return None
@@ -76,9 +79,13 @@ def load_latest_state(state_dir: Path, config: IDDMConfig) -> RunState | None:
         raise StateMismatchError(f"the saved run in {state_dir} used different settings ({', '.join(changed)}); "
                                  "resume with the same settings, or delete that folder to start over.")
     tensors = load_file(str(folder / "tensors.bin"))
+    decoupled = tensors["decoupled"]
+    if decoupled.shape != original.shape or float((decoupled - original).abs().max()) > config.eta + 1e-5:
+        raise StateMismatchError(f"the saved run in {state_dir} was made from other photos; resume with the "
+                                 "same photos, or delete that folder to start over.")
     optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
     return RunState(meta["iteration"], {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")},
-                    optimizer, tensors["generator_state"], tensors["decoupled"], meta["history"],
+                    optimizer, tensors["generator_state"], decoupled, meta["history"],
                     meta["seconds"])
 
 
