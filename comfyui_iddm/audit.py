@@ -306,15 +306,20 @@ def _degrees(dms, ref) -> str:
 # --------------------------------------------------------------------------------- text and JSON
 
 _WINDOWS_PATH = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]:[\\/][^\s\"'<>|*?]*|\\\\[^\s\\\"'<>|*?]+\\[^\s\"'<>|*?]*")
-_POSIX_PATH = re.compile(r"(?<![\w.~:/\\-])/(?:[^\s/\\\"'<>|*?:]+/)+[^\s/\\\"'<>|*?:]*")
+_POSIX_PATH = re.compile(r"(?<![\w.~:/\\#-])/(?:[^\s/\\\"'<>|*?:]+/)+[^\s/\\\"'<>|*?:]*")
 _TILDE_PATH = re.compile(r"(?<![\w/\\])~[\w.-]*[\\/][^\s\"'<>|*?]*")
 _FILE_URL = re.compile(r"file://[^\s\"'<>]+", re.I)
 _OTHER_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s\"'<>]*", re.I)
+_PHOTO_SUFFIX = r"\.(?:jpe?g|jpe|jfif|png|webp|heic|heif|avif|tiff?|bmp|gif|dng|cr2|cr3|nef|arw|orf|rw2|raf)"
 _PHOTO_NAME = re.compile(
-    r"(?<![\w.-])[\w][\w.()+,&'-]*\.(?:jpe?g|jpe|jfif|png|webp|heic|heif|avif|tiff?|bmp|gif|dng|cr2|"
-    r"cr3|nef|arw|orf|rw2|raf)(?![\w])|\b(?:IMG|DSC[NF]?|PXL|MVIMG|VID)[_-]?\d{3,}[\w-]*", re.I)
+    r"(?<![\w.-])[\w][\w.()+,&'-]*(?: \(\d+\))?" + _PHOTO_SUFFIX + r"(?![\w])|\b(?:IMG|DSC[NF]?|PXL|MVIMG|VID)[_-]?\d{3,}[\w-]*",
+    re.I)
+# A whole value that is one file name may contain spaces ("WhatsApp Image 2024-01-01 (1).jpeg").
+_WHOLE_PHOTO_NAME = re.compile(r"[^\s/\\:*?\"<>|][^/\\:*?\"<>|\n]{0,200}" + _PHOTO_SUFFIX, re.I)
 # ComfyUI names what it saves <prefix>_<5-digit counter>_.<ext>: generated images, not photos.
-_COMFY_OUTPUT = re.compile(r"_\d{5}_\.(?:png|jpe?g|webp)$", re.I)
+_COMFY_OUTPUT = re.compile(r"_\d{5,}_\.(?:png|jpe?g|webp)$", re.I)
+# Embedded pictures (base64, data: URIs) are data, not paths: their '/' would look like one.
+_BASE64 = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
 _HOME = [re.compile(p, re.I) for p in (
     r"^(?:/var)?/home/([^/]+)", r"^/Users/([^/]+)", r"^/mnt/[a-z]/Users/([^/]+)",
     r"^[a-z]:/(?:Users|Documents and Settings)/([^/]+)", r"^/(root)(?:/|$)", r"^~([^/]*)")]
@@ -332,11 +337,13 @@ def home_user(path: str) -> str | None:
     return None
 
 
-def scan_string(text: str, where: str) -> list[Finding]:
-    """Paths and photo file names in one piece of free text."""
+def scan_string(text: str, where: str, whole_value: bool = False) -> list[Finding]:
+    """Paths and photo file names in one piece of text. `whole_value`: the text is one value (a
+    JSON string), so all of it may be one file name with spaces."""
     findings, spans = [], []
     without_urls = _OTHER_URL.sub(lambda m: m.group(0) if m.group(0).lower().startswith("file:")
                                   else " " * len(m.group(0)), text)
+    without_urls = _BASE64.sub(lambda m: " " * len(m.group(0)), without_urls)
     for pattern in (_FILE_URL, _WINDOWS_PATH, _TILDE_PATH, _POSIX_PATH):
         for match in pattern.finditer(without_urls):
             if any(s <= match.start() < e for s, e in spans):
@@ -345,6 +352,9 @@ def scan_string(text: str, where: str) -> list[Finding]:
             value = match.group(0).rstrip(".,;)")
             kind = "home_dir" if home_user(value) is not None else "absolute_path"
             findings.append(Finding(where, kind, value))
+    whole = text.strip()
+    if whole_value and not findings and _WHOLE_PHOTO_NAME.fullmatch(whole):
+        return [] if _COMFY_OUTPUT.search(whole) else [Finding(where, "photo_file_name", whole)]
     for match in _PHOTO_NAME.finditer(without_urls):
         if not any(s <= match.start() < e for s, e in spans) and not _COMFY_OUTPUT.search(match.group(0)):
             findings.append(Finding(where, "photo_file_name", match.group(0)))
@@ -390,7 +400,7 @@ def _walk(node: Any, path: tuple, where: str, special: dict, findings: list[Find
         if nested is not None and not isinstance(nested, (int, float)):
             findings.extend(scan_text(node, label))
             return
-        hits = scan_string(node, label)
+        hits = scan_string(node, label, whole_value=True)
         if not hits and path in special and special[path][0] is not None:
             hits = [Finding(label, special[path][0], node)]
         findings.extend(hits)

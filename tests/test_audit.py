@@ -207,6 +207,10 @@ def test_truncated_and_damaged_images_do_not_crash():
     ("16:9, AC/DC, 1/2/3, a photo of sks person, 0,200, euler", []),
     ("v1-5-pruned-emaonly.safetensors", []),
     ("ComfyUI_00012_.png, portrait_temp_abcde_00001_.webp", []),  # ComfyUI's own output names
+    ("ComfyUI_263067_.png", []),
+    ("see image (12).png here", [("photo_file_name", "image (12).png")]),
+    ("a photo of sks person.png and more", [("photo_file_name", "person.png")]),
+    ("#/definitions/x and " + "/9j/4AAQSkZJRg" + "ABAQ+/" * 60, []),  # JSON refs, base64 pictures
 ])
 def test_scan_string(text, expected):
     assert kinds(scan_string(text, "t")) == sorted(expected)
@@ -219,6 +223,11 @@ def test_json_inside_strings_and_history_dumps():
     found = kinds(scan_text_file(json.dumps(history)))
     assert found == sorted([("private_folder", "my_photos"), ("lora_name", "anna_lora"),
                             ("home_dir", "/home/anna/a/b.jpg")])
+
+
+def test_a_whole_value_may_be_a_file_name_with_spaces():
+    found = audit_bytes(json.dumps({"image": "WhatsApp Image 2024-01-01 (1).jpeg"}).encode())
+    assert kinds(found) == [("photo_file_name", "WhatsApp Image 2024-01-01 (1).jpeg")]
 
 
 def scan_text_file(text: str):
