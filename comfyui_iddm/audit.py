@@ -134,7 +134,7 @@ _PNG_SILENT = {b"IHDR", b"PLTE", b"IDAT", b"pHYs", b"gAMA", b"cHRM", b"sRGB", b"
                b"mDCv", b"cLLi"}
 
 
-def _png_items(data: bytes) -> Iterator[tuple[str, str]]:
+def _png_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
     pos = 8
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
@@ -162,7 +162,7 @@ def _png_items(data: bytes) -> Iterator[tuple[str, str]]:
             yield from _strings_item(body, f"PNG chunk '{name}'")
 
 
-def _jpeg_items(data: bytes) -> Iterator[tuple[str, str]]:
+def _jpeg_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
     pos = 2
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
@@ -193,7 +193,7 @@ def _jpeg_items(data: bytes) -> Iterator[tuple[str, str]]:
             yield from _strings_item(body, f"JPEG APP{marker - 0xE0}")
 
 
-def _webp_items(data: bytes) -> Iterator[tuple[str, str]]:
+def _webp_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
     pos = 12
     while pos + 8 <= len(data):
         kind, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
@@ -302,7 +302,6 @@ def _degrees(dms, ref) -> str:
     return f"{value:.5f}{ref or ''}"
 
 
-
 # --------------------------------------------------------------------------------- text and JSON
 
 _WINDOWS_PATH = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]:[\\/][^\s\"'<>|*?]*|\\\\[^\s\\\"'<>|*?]+\\[^\s\"'<>|*?]*")
@@ -395,9 +394,8 @@ def _walk(node: Any, path: tuple, where: str, special: dict, findings: list[Find
         for index, value in enumerate(node):
             _walk(value, path + (index,), where, special, findings)
     elif isinstance(node, str):
-        nested = _as_json(node)  # JSON inside a string (e.g. a report or an embedded workflow)
         label = f"{where} > {special[path][1]}" if path in special else _label(where, path)
-        if nested is not None and not isinstance(nested, (int, float)):
+        if _as_json(node) is not None:  # JSON inside a string (e.g. a report, an embedded workflow)
             findings.extend(scan_text(node, label))
             return
         hits = scan_string(node, label, whole_value=True)
