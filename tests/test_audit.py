@@ -291,6 +291,8 @@ def test_folder_audit_and_exit_codes(tmp_path):
     assert "(account 'anna')" in out and "anna_lora" in out and "IDDM Save Public Image" in out
     assert "2 file(s) checked; 2 finding(s) in 1 file(s)" in out
 
+    code, out = run_audit(str(clean))
+    assert code == 0 and out.strip() == "1 file(s) checked; nothing found"
     code, out = run_audit(str(clean), "--json")
     assert code == 0 and json.loads(out) == {"files_checked": 1, "findings": [], "skipped": []}
 

@@ -55,8 +55,10 @@ def format_result(result: AuditResult) -> str:
     for file, reason in result.skipped:
         lines.append(f"{file}: not checked: {reason}")
     files = {f.file for f in result.findings}
-    lines.append(f"{result.files_checked} file(s) checked; {len(result.findings)} finding(s) in "
-                 f"{len(files)} file(s)" + (f"; {len(result.skipped)} not checked" if result.skipped else ""))
+    found = (f"{len(result.findings)} finding(s) in {len(files)} file(s)" if result.findings
+             else "nothing found")
+    lines.append(f"{result.files_checked} file(s) checked; {found}"
+                 + (f"; {len(result.skipped)} not checked" if result.skipped else ""))
     kinds = sorted({f.kind for f in result.findings}, key=list(KINDS).index)
     if kinds:
         lines.append("Why these matter:")
