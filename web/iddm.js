@@ -115,12 +115,13 @@ class TrainChart {
     // Legend with the latest value of each series.
     const latest = (phases) => {
       const s = this.series(phases);
-      return s.length ? s[s.length - 1].value.toFixed(4) : "-";
+      return s.length ? s[s.length - 1].value.toFixed(3) : "-";
     };
-    ctx.font = "11px sans-serif";
+    ctx.font = "10px sans-serif";
+    // Stage I: diffusion loss on the photos; Stage II: identity similarity S (lower = more private).
     const legend = [
-      [COLORS.stage1, `Stage I loss ${latest(["stage1"])}`],
-      [COLORS.stage2, `Stage II identity ${latest(["stage2"])}`],
+      [COLORS.stage1, `Stage I ${latest(["stage1"])}`],
+      [COLORS.stage2, `Stage II S ${latest(["stage2"])}`],
       [COLORS.ft, `fine-tune ${latest(["finetune_reference", "finetune_decoupled"])}`],
     ];
     let x = pad.left;
@@ -129,7 +130,7 @@ class TrainChart {
       ctx.fillRect(x, 7, 9, 9);
       ctx.fillStyle = COLORS.text;
       ctx.fillText(label, x + 12, 15);
-      x += ctx.measureText(label).width + 24;
+      x += ctx.measureText(label).width + 20;
     }
     if (!this.points.length) {
       ctx.fillStyle = COLORS.text;
