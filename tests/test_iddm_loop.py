@@ -200,3 +200,27 @@ def test_stage_two_without_a_scorer_is_refused():
     config = tiny_config(rho=0.5)
     with pytest.raises(ValueError, match="Stage II needs face recognizers"):
         run_iddm(load_denoiser("tiny", config), REFERENCE, PROTECTION, LANDMARKS, None, config)
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_across_iterations():
+    """Issue 5's load check at test scale (benchmarks/bench_load.py measures 50 photos at 512 px):
+    the peak resident memory of the last iteration stays near iteration 2's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_load import IterationPeaks
+
+    photos = synthetic_photos(16, 128, seed=5)
+    landmarks = LANDMARKS[:1].repeat(8, 1, 1) * 2
+    config = tiny_config(iterations=6, resolution=128, ft_steps=2, pgd_steps=4, rho=0.5)
+    denoiser = load_denoiser("tiny", config)
+    scorer = IdentityEnsemble.from_reference([TinyRecognizer()], photos[:8], landmarks, config.tau)
+    with IterationPeaks() as peaks:
+        run_iddm(denoiser, photos[:8], photos[8:], landmarks, scorer, config, on_progress=peaks.on_progress)
+    by_k = {r.iteration: r.peak_mb for r in peaks.results}
+    assert sorted(by_k) == list(range(1, 7))
+    working_set = by_k[2] - peaks.baseline_mb
+    print(f"baseline {peaks.baseline_mb:.0f} MB, peak RSS per iteration {by_k}")
+    assert by_k[6] - by_k[2] <= 0.25 * working_set + 16, (peaks.baseline_mb, by_k)
