@@ -86,7 +86,7 @@ def _real_faces(folder: Path, mtcnn) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("detector", ["none", "mtcnn"])
+@pytest.mark.parametrize("detector", ["none", pytest.param("mtcnn", marks=pytest.mark.slow)])
 def test_a_whole_training_run_leaks_nothing_about_the_photos(tmp_path, detector, request):
     if detector == "mtcnn":
         photos = _real_faces(tmp_path / SECRET_FOLDER, request.getfixturevalue("mtcnn"))
