@@ -37,7 +37,7 @@ def machine() -> str:
     except OSError:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"Python {platform.python_version()}, load average {load:.1f} at start")
 
 

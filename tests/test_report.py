@@ -153,3 +153,23 @@ def test_sweep_page_plots_each_rho(tmp_path: Path) -> None:
     for rho in ("0.1", "0.3", "0.5"):
         assert f"<td>{rho}</td>" in page
     assert "0.930 → 0.300" in page and "mobilefacenet (held-out)" in page
+
+
+def test_run_sweep_trains_each_rho(tmp_path: Path, test_recognizer) -> None:
+    from conftest import synthetic_photos, tiny_config
+
+    from comfyui_iddm.photos import photoset_from_images, split_photos
+    from comfyui_iddm.sweep import run_sweep
+
+    photos = photoset_from_images(synthetic_photos(4, 64), 64)
+    reference, protection = split_photos(photos, 2)
+    config = tiny_config(recognizers=test_recognizer, pgd_steps=4)
+    sweep = run_sweep([0.0, 1.0], tmp_path, config, reference, protection, evaluators=[test_recognizer],
+                      log=lambda line: None)
+    assert [p["rho"] for p in sweep["points"]] == [0.0, 1.0]
+    assert {p.name for p in tmp_path.iterdir()} == {"lora_rho0.safetensors", "lora_rho1.safetensors",
+                                                    "sweep.json", "sweep.png", "sweep.html"}
+    assert json.loads((tmp_path / "sweep.json").read_text())["points"] == sweep["points"]
+    # rho 1: Stage I only, the identity is not attacked; rho 0: all Stage II, it is.
+    after = {p["rho"]: p["identity"][0]["after"] for p in sweep["points"]}
+    assert after[0.0] < after[1.0]
