@@ -156,6 +156,7 @@ TRAIN = NodeSpec(
         Port("overwrite", "BOOLEAN", "Replace an existing LoRA of the same name. Off: a name that "
              "is taken is refused before any training starts.", False),
         knob("mixed_precision", "COMBO", options=("no", "fp16", "bf16")),
+        knob("gradient_checkpointing", "BOOLEAN"),
         Port("face_detector", "COMBO", "'auto' finds the eyes, nose and mouth in each photo (the "
              "face recognizers need them); 'none' assumes face-centred crops such as IDDM Load "
              "Private Photos makes with its detector off.", "auto", options=("auto", "none")),

@@ -47,7 +47,8 @@ class IDDMTrain(io.ComfyNode):
                          f"{total_steps(config)} steps, {len(reference_set)} reference + "
                          f"{len(protection_set)} protection photos at {resolution} px")
             denoiser = ComfyDenoiser(model, clip, vae, rank=config.rank, lora_alpha=config.lora_alpha,
-                                     seed=config.seed, mixed_precision=config.mixed_precision)
+                                     seed=config.seed, mixed_precision=config.mixed_precision,
+                                     gradient_checkpointing=config.gradient_checkpointing)
             try:
                 result = train_on_photos(
                     denoiser, reference_set, protection_set, config, weights_dir=recognizer_dir(),

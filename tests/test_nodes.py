@@ -47,8 +47,8 @@ def test_knob_tooltips_and_defaults_come_from_the_engine_config():
 
 def test_train_node_exposes_every_knob_except_the_ones_the_door_decides():
     fields = {f.name for f in dataclasses.fields(IDDMConfig)}
-    # resolution is the size of the incoming crops; gradient checkpointing is not wired in ComfyUI yet.
-    assert set(spec.train_config_names()) == fields - {"resolution", "gradient_checkpointing"}
+    # resolution is the size of the incoming crops.
+    assert set(spec.train_config_names()) == fields - {"resolution"}
 
 
 def test_train_node_defaults_make_a_valid_config():

@@ -143,7 +143,7 @@ def main(checkpoint: str) -> dict:
             loss_a, grads_a, z_a = step(ours, kind)
             loss_b, grads_b, z_b = step(twin, kind)
             entry = {"loss": [float(loss_a.detach()), float(loss_b.detach())],
-                     "latent_max_diff": float((z_a - z_b).abs().max())}
+                     "latent_max_diff": float((z_a - z_b).detach().abs().max())}
             for name in grads_a:
                 a, b = grads_a[name], grads_b[name]
                 entry.setdefault("grad_max_rel_diff", 0.0)
@@ -151,7 +151,22 @@ def main(checkpoint: str) -> dict:
                                                  float((a - b).norm() / b.norm().clamp_min(1e-20)))
             entry["grads_compared"] = len(grads_a)
             results[kind] = entry
+            if kind == "ft":
+                ft_reference = grads_b
+        # Gradient checkpointing recomputes activations; the gradients must not change.
+        ours.enable_gradient_checkpointing()
+        for p in ours.trainable_parameters():
+            p.grad = None
+        loss_c, grads_c, _ = step(ours, "ft")
+        grads_b = ft_reference
+        results["ft_checkpointed"] = {
+            "loss": [float(loss_c.detach()), results["ft"]["loss"][1]],
+            "grad_max_rel_diff": max(float((grads_c[k] - grads_b[k]).norm() / grads_b[k].norm().clamp_min(1e-20))
+                                     for k in grads_c),
+            "blocks": len(ours._checkpointed)}
         ours.release()
+        results["released"] = not any("forward" in vars(block) for block in
+                                      [*model.model.diffusion_model.input_blocks, *model.model.diffusion_model.output_blocks])
     return results
 
 

@@ -39,3 +39,7 @@ def test_comfyui_adapter_matches_the_diffusers_adapter():
         assert entry["latent_max_diff"] < 1e-4, (kind, entry)
         assert entry["grad_max_rel_diff"] < 1e-3, (kind, entry)
     assert figures["ft"]["grads_compared"] == 64  # down and up of each LoRA module
+    checkpointed = figures["ft_checkpointed"]  # same gradients with activations recomputed
+    assert checkpointed["blocks"] == 5 and checkpointed["grad_max_rel_diff"] < 1e-3, checkpointed
+    assert abs(checkpointed["loss"][0] - checkpointed["loss"][1]) <= 1e-4 * max(1.0, abs(checkpointed["loss"][1]))
+    assert figures["released"]

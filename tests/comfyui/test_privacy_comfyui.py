@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from comfyui_fixtures import (ComfyServer, comfyui_path, ensure_tiny_checkpoint, make_face_photos,
                               status_messages, tiny_run)
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
 REPO = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("IDDM_PRIVACY_TEST_PORT", "8190"))
 FOLDER = "set_q7"  # the relative name typed into the graph
+NO_FACES = "set_q7_nofaces"  # photos without a face: the node fails, and says so
 PHOTO_STEM = "zq7anna_private"  # distinctive, so any leak of a file name is found by search
 STOCK_PREFIX, PUBLIC_PREFIX = "iddm_privacy_stock", "iddm_privacy_public"
 
@@ -40,6 +42,11 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("private_root_q7")
     photos = [path.rename(path.with_name(f"{PHOTO_STEM}_{i}.jpg"))
               for i, path in enumerate(make_face_photos(root / FOLDER, 6))]
+    (root / NO_FACES).mkdir()
+    for i in range(2):
+        path = root / NO_FACES / f"{PHOTO_STEM}_noface_{i}.png"
+        Image.new("RGB", (96, 96), (40 * i, 120, 200)).save(path)
+        photos.append(path)
     ensure_tiny_checkpoint(COMFYUI)
     previous = os.environ.get(ENV_ROOT)
     os.environ[ENV_ROOT] = str(root)  # the server inherits it
@@ -152,3 +159,20 @@ def test_audit_flags_the_stock_png_and_passes_the_public_one(run, capsys):
     assert public_result.clean and public_result.files_checked == 1
     data = public[0].read_bytes()
     assert b"tEXt" not in data and b"iTXt" not in data and b"zTXt" not in data and b"prompt" not in data
+
+
+def test_failing_photo_folder_names_no_photo_and_no_root(server, run):
+    """A folder without usable faces stops Load Private Photos; the error ComfyUI keeps in /history
+    (and logs) gives the relative folder name and photo numbers only."""
+    comfy, root, photos = server
+    graph = {"1": {"class_type": "IDDMLoadPrivatePhotos",
+                   "inputs": {"folder": NO_FACES, "resolution": 64, "face_detector": "auto"}},
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    entry = comfy.wait(comfy.queue(graph))
+    assert entry["status"]["status_str"] == "error"
+    error = json.dumps(status_messages(entry))
+    assert "photo 1" in error and NO_FACES in error, error
+    text = json.dumps(comfy.get("/history"))
+    for secret in [str(root), root.name, PHOTO_STEM]:
+        assert secret not in text, f"/history contains {secret!r}"
+        assert secret not in comfy.log(), f"the server log contains {secret!r}"
