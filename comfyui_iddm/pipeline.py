@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from . import __version__, atomic
@@ -183,7 +184,7 @@ def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: ID
         if outputs.report is not None:
             atomic.write_text(outputs.report, json.dumps(result.report, indent=2))
         save_lora(outputs.lora, result.lora, result.metadata, overwrite=outputs.overwrite)
-    except OSError as err:  # disk full, folder gone read-only: hours of training must not be lost
+    except (OSError, SafetensorError) as err:  # disk full, read-only: hours of training must not be lost
         raise atomic.OutputWriteError(f"{err} The trained result is kept in {outputs.state_dir}; once the "
                                       "problem is fixed, rerun the same command with --resume --overwrite "
                                       "to write the outputs without training again.") from err

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .atomic import OutputWriteError
 from .config import IDDMConfig
 
 _PREFIX = "iteration-"
@@ -41,15 +42,16 @@ class RunState:
 
 
 def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=state_dir))
+    state_dir, staging = Path(state_dir), None
     try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=state_dir))
         tensors = {f"lora.{k}": v.contiguous() for k, v in state.lora.items()}
         tensors["decoupled"] = state.decoupled.contiguous()
         tensors["generator_state"] = state.generator_state
-        # Not .safetensors: ComfyUI's LoRA lists would otherwise show these files.
-        save_file(tensors, str(staging / "tensors.bin"))
+        # Not .safetensors: ComfyUI's LoRA lists would otherwise show these files. Serialized in
+        # memory and written by Python, so a full disk raises OSError (save_file's error is not one).
+        (staging / "tensors.bin").write_bytes(save(tensors))
         buffer = io.BytesIO()
         torch.save(state.optimizer, buffer)
         (staging / "optimizer.pt").write_bytes(buffer.getvalue())
@@ -57,8 +59,13 @@ def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:
             "iteration": state.iteration, "history": state.history, "seconds": state.seconds,
             "config": config.to_dict()}))
         os.replace(staging, state_dir / f"{_PREFIX}{state.iteration:04d}")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as err:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise OutputWriteError(f"could not save the resumable state in {state_dir} ({err.strerror or err}); "
+                                   "free some disk space, then rerun the same command with --resume (the last "
+                                   "saved iteration is kept).") from err
         raise
     for old in _finished(state_dir)[:-1]:
         shutil.rmtree(old, ignore_errors=True)

@@ -379,3 +379,27 @@ def test_missing_recognizer_weights_say_where_to_put_them(place):
     err = refused(train_argv(place.photos, place.lora, "--weights-dir", weights, "--recognizers", "irse50",
                              "--evaluators", "irse50"), place.out)
     assert f"no weights for the irse50 face recognizer" in err and str(weights) in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 48 KB file system (tmpfs) when this process may mount one (root on Linux), else skip."""
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root on Linux); the simulated disk-full tests cover it")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_stops_cleanly_and_keeps_the_old_lora(place, small_disk):
+    lora = small_disk / "person.safetensors"
+    lora.write_bytes(b"old LoRA")
+    code, _, err = run_cli_here(train_argv(place.photos, lora, "--iterations", "1", "--overwrite"))
+    assert code == 2 and "Traceback" not in err
+    assert "No space left on device" in err and "free some disk space" in err
+    assert lora.read_bytes() == b"old LoRA"
+    assert files_under(small_disk) <= {"person.safetensors", ".person.safetensors.iddm-state"}
