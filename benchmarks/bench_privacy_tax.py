@@ -36,7 +36,8 @@ def child(args: argparse.Namespace) -> None:
     from comfyui_iddm.iddm import run_iddm
 
     torch.set_num_threads(args.threads)
-    config = IDDMConfig(**{**BASE, **json.loads(args.config)})
+    base = {**BASE, **({"resolution": args.resolution} if args.resolution else {})}
+    config = IDDMConfig(**{**base, **json.loads(args.config)})
     reference, protection = load_photos(args.photos, config.resolution)
     denoiser = load_denoiser(args.base, config, device=args.device, config_dir=args.config_dir)
     setup_rss = rss_mb()
@@ -78,6 +79,8 @@ def measure(args: argparse.Namespace, **changes) -> dict:
         argv += ["--weights-dir", str(args.weights_dir)]
     if args.config_dir:
         argv += ["--config-dir", args.config_dir]
+    if args.resolution:
+        argv += ["--resolution", str(args.resolution)]
     return run_child(Path(__file__), argv)
 
 
@@ -93,6 +96,8 @@ def main() -> None:
     parser.add_argument("--base", default="tiny", help="'tiny' or a real SD checkpoint / diffusers folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config-dir", default=None)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training resolution of the comparison (default 128; e.g. 512 for a real model)")
     parser.add_argument("--weights-dir", type=Path, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="{}", help=argparse.SUPPRESS)
@@ -131,7 +136,8 @@ def main() -> None:
     for label, (knob, values) in sweeps.items():
         cells = []
         for value in values:
-            run = iddm if value == BASE[knob] else measure(args, **{knob: value})
+            effective = args.resolution if knob == "resolution" and args.resolution else BASE[knob]
+            run = iddm if value == effective else measure(args, **{knob: value})
             cells.append(f"{value}: {run['seconds']:.1f} ({run['cpu_seconds']:.1f})")
         print(f"   {label:16} " + "   ".join(cells))
     cells = []

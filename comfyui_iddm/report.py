@@ -116,7 +116,7 @@ def identity_plot(identity: Sequence[dict[str, Any]]) -> bytes | None:
     ax.set_xticklabels([f"{r['recognizer']}\n({r['role']})" for r in identity], fontsize=8)
     ax.set_ylabel("cosine to the identity prototype", fontsize=8)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_ylim(min(0.0, *(min(r["before"], r["after"]) - 0.05 for r in identity)), 1.05)
+    ax.set_ylim(min(0.0, *(min(r["before"], r["after"]) - 0.05 for r in identity)), 1.12)  # room for labels
     handles = [Patch(facecolor="#999", alpha=0.35, label="before (X0)"), Patch(facecolor="#999", label="after (X')")]
     if control:
         handles.append(Patch(facecolor="white", edgecolor="#555", hatch="///",
