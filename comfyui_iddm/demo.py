@@ -19,15 +19,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
-import torch
-from PIL import Image, ImageEnhance, ImageOps
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import atomic
 from .config import IDDMConfig
-from .photos import PhotoError, PhotoSet, pil_to_tensor, photoset_from_images, split_photos
+
+if TYPE_CHECKING:  # torch, numpy and PIL load inside the functions: `iddm --help` stays fast
+    import torch
+    from PIL import Image
+
+    from .photos import PhotoSet
 
 # Measured on 2 CPU cores (benchmarks/README.md). Stage II denoises from t in 0..20: the tiny
 # model's UNet is random, so only at small t does x0_hat stay close enough to X' for the
@@ -61,6 +62,10 @@ def sample_photo_path() -> Path:
 def frontal_face(detections) -> Any:
     """The most frontal of the sample photo's faces (nose closest to the middle of the eyes),
     so the augmented set starts from a face every recognizer sees well."""
+    import numpy as np
+
+    from .photos import PhotoError
+
     def asymmetry(face) -> float:
         eyes_mid = (face.landmarks[0] + face.landmarks[1]) / 2
         eye_distance = np.linalg.norm(face.landmarks[1] - face.landmarks[0])
@@ -74,6 +79,9 @@ def frontal_face(detections) -> Any:
 def augmented_photos(image: Image.Image, box, count: int, seed: int) -> list[Image.Image]:
     """`count` variations of the region around one face: scale/shift crops, mirror images, small
     rotations, brightness/contrast/colour changes. Deterministic for a seed."""
+    import numpy as np
+    from PIL import Image, ImageEnhance, ImageOps
+
     rng = np.random.default_rng(seed)
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     side = max(box[2] - box[0], box[3] - box[1]) * REGION_SCALE
@@ -96,7 +104,10 @@ def augmented_photos(image: Image.Image, box, count: int, seed: int) -> list[Ima
 
 def sample_private_set(resolution: int, detector, count: int = DEMO_PHOTOS, seed: int = 0) -> PhotoSet:
     """The demo's private set: `count` face-centred crops of one sample face, with landmarks."""
-    from .photos import read_image
+    import torch
+    from PIL import Image
+
+    from .photos import PhotoError, photoset_from_images, pil_to_tensor, read_image
 
     image = read_image(sample_photo_path())
     face = frontal_face(detector.detect(pil_to_tensor(image)[None])[0])
@@ -128,6 +139,7 @@ def run_demo(out_dir: Path, config: IDDMConfig | None = None, *, weights_dir: Pa
     from .faces.detect import MTCNNDetector
     from .faces.registry import available_recognizers
     from .lora_io import save_lora
+    from .photos import split_photos
     from .pipeline import save_decoupled, train_on_photos
     from .report import headline, write_report_html
 
@@ -170,6 +182,8 @@ def add_shuffled_control(report: dict[str, Any], reference: PhotoSet, protection
     """Adds to each identity row `control`: the similarity of X0 plus the SAME change X' - X0 with its
     values shuffled across positions (same L-inf, same PSNR up to clipping, no structure). Without
     it a held-out drop could be mere noise sensitivity; IDDM's drop should be well below it."""
+    import torch
+
     from .faces.ensemble import IdentityEnsemble
     from .faces.registry import load_recognizers
 

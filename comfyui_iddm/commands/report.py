@@ -20,6 +20,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..report import write_report_html
 
+    if not args.report.is_file():
+        raise FileNotFoundError(f"{args.report} does not exist; give the JSON report written by "
+                                "`iddm train --report FILE.json` or `iddm demo` (DIR/report.json).")
     try:
         report = json.loads(args.report.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
