@@ -6,9 +6,9 @@ the peak at iteration K must be within 10% of iteration 2's: no growth across it
 
 The photos are written to a temporary folder and read back through the CLI's path (streamed
 reading, MTCNN face crops): by default variations of one face of the demo's sample photo (the
-insightface package's t1.jpg), or the given folder's photos. Memory is the resident set size,
-sampled every 5 ms by a thread (torch's tensors are invisible to tracemalloc); an iteration's peak
-is the highest sample between its first and its last step. Figures are printed, never asserted
+insightface package's t1.jpg), or the given folder's photos. Memory is the resident set size:
+the kernel's high-water mark, reset at the start of every iteration (torch's tensors are invisible
+to tracemalloc, and a sampling thread misses the peaks of single large ops). Figures are printed, never asserted
 (tests/test_iddm_loop.py has the small-scale growth test).
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, rss_mb  # noqa: E402
+from common import machine  # noqa: E402
 
 from comfyui_iddm.config import IDDMConfig  # noqa: E402
 
@@ -39,54 +38,48 @@ class IterationMemory:
 
 
 class IterationPeaks:
-    """Samples the resident set size in a thread and splits the peaks by IDDM iteration; pass
-    `on_progress` to the run. Use as a context manager."""
+    """Peak resident memory of every IDDM iteration, from the kernel's high-water mark (VmHWM in
+    /proc/self/status, reset at each iteration's start through /proc/self/clear_refs): exact, unlike
+    a sampling thread, which misses the short peaks of single large ops. Linux only. Pass
+    `on_progress` to the run; use as a context manager."""
 
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.results = interval, []
-        self._peak, self._iteration, self._started = 0.0, None, time.perf_counter()
-        self._running, self._lock = True, threading.Lock()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+    def __init__(self) -> None:
+        self.results: list[IterationMemory] = []
+        self._iteration, self._started = None, time.perf_counter()
 
     def __enter__(self) -> "IterationPeaks":
-        self.baseline_mb = rss_mb()
-        self._thread.start()
+        self.baseline_mb = _status_mb("VmRSS")
         return self
 
     def __exit__(self, *exc) -> None:
-        self._running = False
-        self._thread.join()
         self._close()
-
-    def _sample(self) -> None:
-        while self._running:
-            value = rss_mb()
-            with self._lock:
-                self._peak = max(self._peak, value)
-            time.sleep(self.interval)
 
     def _close(self) -> None:
         if self._iteration is not None:
-            now = rss_mb()
-            with self._lock:
-                peak = max(self._peak, now)
-            self.results.append(IterationMemory(self._iteration, round(peak, 1), round(now, 1),
+            self.results.append(IterationMemory(self._iteration, round(_status_mb("VmHWM"), 1),
+                                                round(_status_mb("VmRSS"), 1),
                                                 round(time.perf_counter() - self._started, 2)))
+            self._iteration = None
 
     def on_progress(self, event) -> None:
         if event.iteration != self._iteration:
             self._close()  # the previous iteration ended with its last step
-            with self._lock:
-                self._peak = rss_mb()
+            Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
             self._iteration, self._started = event.iteration, time.perf_counter()
         if event.done == event.total:  # the run's last step: what follows is evaluation, not training
             self._close()
-            self._iteration = None
 
     def growth(self, first: int = 2) -> float:
         """Peak of the last iteration relative to iteration `first` (0.05 = 5% more)."""
         peaks = {r.iteration: r.peak_mb for r in self.results}
         return peaks[max(peaks)] / peaks[first] - 1
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; this benchmark measures memory on Linux only")
 
 
 def write_sample_photos(folder: Path, count: int, side: int) -> None:
