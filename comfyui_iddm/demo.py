@@ -210,8 +210,7 @@ def demo_notes(held_out: list[str]) -> list[str]:
              "decoupling of the training photos under real face recognizers; portrait quality and "
              "likeness of generations need a real Stable Diffusion checkpoint."]
     if not held_out:
-        notes.append("No held-out evaluator was available (only the surrogate's weights were found), so "
-                     "the similarity drop is measured by the recognizer that was attacked. Put e.g. a "
-                     "MobileFaceNet (mobilefacenet.safetensors) in the weights folder "
-                     "($IDDM_WEIGHTS_DIR or --weights-dir) to measure transfer honestly.")
+        notes.append("No held-out evaluator was available (only the surrogate's weights were found). To "
+                     "measure transfer honestly, put a second recognizer's weights, e.g. "
+                     "mobilefacenet.safetensors, in the weights folder ($IDDM_WEIGHTS_DIR or --weights-dir).")
     return notes
