@@ -60,6 +60,10 @@ def add_train_parser(subparsers) -> None:
                    help="held-out recognizers to measure (default: every present one not used in training)")
     p.add_argument("--decoupled-out", type=Path, default=None, help="folder to write X' (PNG per photo)")
     p.add_argument("--report", type=Path, default=None, help="JSON report to write")
+    p.add_argument("--html", type=Path, default=None, metavar="DIR",
+                   help="write the privacy report page (report.html + PNG plots) into DIR")
+    p.add_argument("--html-photos", action="store_true",
+                   help="show X0 | X' | difference in the page (your photos: off by default)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last iteration")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
@@ -74,7 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .pipeline import FolderOutputs, train_folder
 
     config = config_from_args(args)
-    outputs = FolderOutputs(args.out, args.decoupled_out, args.report, args.overwrite)
+    outputs = FolderOutputs(args.out, args.decoupled_out, args.report, args.overwrite, args.html, args.html_photos)
     with ProgressBar() as progress:
         result = train_folder(args.photos_dir, args.base, outputs, config,
                               n_reference=args.reference, split_mode=args.split, detector=args.detector,

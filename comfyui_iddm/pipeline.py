@@ -132,6 +132,8 @@ class FolderOutputs:
     decoupled_dir: Path | None = None
     report: Path | None = None
     overwrite: bool = False
+    html_dir: Path | None = None  # the privacy report page (report.html + PNG plots)
+    html_photos: bool = False  # show X0 | X' in the page: the user's photos, so opt-in
 
     @property
     def state_dir(self) -> Path:
@@ -143,6 +145,10 @@ class FolderOutputs:
         atomic.check_writable(self.lora, self.overwrite)
         if self.report is not None:
             atomic.check_writable(self.report, self.overwrite)
+        if self.html_dir is not None:
+            from .report import HTML_NAME
+            self.html_dir.mkdir(parents=True, exist_ok=True)
+            atomic.check_writable(self.html_dir / HTML_NAME, self.overwrite)
         if self.decoupled_dir is not None:
             if self.decoupled_dir.exists() and any(self.decoupled_dir.iterdir()) and not self.overwrite:
                 raise atomic.OutputExistsError(f"{self.decoupled_dir} is not empty; choose an empty folder "
@@ -183,6 +189,10 @@ def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: ID
             save_decoupled(result.decoupled, outputs.decoupled_dir)
         if outputs.report is not None:
             atomic.write_text(outputs.report, json.dumps(result.report, indent=2))
+        if outputs.html_dir is not None:
+            from .report import write_report_html
+            write_report_html(result.report, outputs.html_dir,
+                              strip=(protection.images, result.decoupled) if outputs.html_photos else None)
         save_lora(outputs.lora, result.lora, result.metadata, overwrite=outputs.overwrite)
     except (OSError, SafetensorError) as err:  # disk full, read-only: hours of training must not be lost
         raise atomic.OutputWriteError(f"{err} The trained result is kept in {outputs.state_dir}; once the "
