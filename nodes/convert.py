@@ -73,5 +73,22 @@ def photo_report(n_used: int, issues: Sequence[Any]) -> str:
     return "\n".join(lines)
 
 
+def numbered_message(message: str, folder, name: str) -> str:
+    """The engine's message with the folder's absolute path replaced by its relative name and every
+    file name replaced by the photo's number (what the node's report uses)."""
+    from comfyui_iddm.photos import PhotoError, list_photo_files
+
+    message = message.replace(str(folder), name)
+    try:
+        files, others = list_photo_files(folder)
+    except PhotoError:  # e.g. no images at all: the message names no file
+        files, others = [], []
+    names = [(path.name, f"photo {index + 1}") for index, path in enumerate(files)]
+    names += [(issue.name, "one file") for issue in others]
+    for file_name, label in sorted(names, key=lambda pair: -len(pair[0])):  # longest first
+        message = message.replace(file_name, label)
+    return message
+
+
 def figures_json(report: Mapping[str, Any]) -> str:
     return json.dumps(report, indent=1, sort_keys=True, default=float)

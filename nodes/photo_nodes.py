@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from . import spec
-from .convert import comfy_to_engine, engine_to_comfy, photo_report
+from .convert import comfy_to_engine, engine_to_comfy, numbered_message, photo_report
 from .places import OPTION_SOURCES, photo_folder
 from .schema import build_schema
 
@@ -36,11 +36,17 @@ class IDDMLoadPrivatePhotos(io.ComfyNode):
     def execute(cls, folder: str, resolution: int, face_detector: str, images=None) -> io.NodeOutput:
         from comfyui_iddm.photos import load_photo_folder, photoset_from_images
 
+        from comfyui_iddm.photos import PhotoError
+
         detector = load_face_detector(face_detector)
         if images is not None:
             photos = photoset_from_images(comfy_to_engine(images), resolution, detector)
         else:
-            photos = load_photo_folder(photo_folder(folder), resolution, detector)
+            path = photo_folder(folder)
+            try:
+                photos = load_photo_folder(path, resolution, detector)
+            except PhotoError as error:  # ComfyUI keeps the message in /history and its log
+                raise PhotoError(numbered_message(str(error), path, folder)) from None
         if len(photos) == 0:
             raise ValueError("no usable photo: " + photo_report(0, photos.issues).replace("\n", "; "))
         return io.NodeOutput(engine_to_comfy(photos.images), photo_report(len(photos), photos.issues))

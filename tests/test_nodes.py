@@ -168,3 +168,19 @@ def test_old_comfyui_gets_a_message_not_a_traceback(tmp_path):
     assert "MAPPINGS {} False ./web" in result.stdout
     assert "comfy_api.latest" in result.stderr and "Update ComfyUI" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_photo_errors_kept_by_comfyui_name_photos_by_number_and_no_root(tmp_path):
+    folder = tmp_path / "private_root" / "set_a"
+    folder.mkdir(parents=True)
+    for name in ("anna_1.jpg", "anna_10.jpg", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    message = (f"no usable photo in {folder} (anna_1.jpg: no face found (skipped); anna_10.jpg: too small; "
+               "notes.txt: not an image file (skipped))")
+    assert convert.numbered_message(message, folder, "set_a") == (
+        "no usable photo in set_a (photo 1: no face found (skipped); photo 2: too small; "
+        "one file: not an image file (skipped))")
+    empty = tmp_path / "private_root" / "empty"
+    empty.mkdir()
+    assert convert.numbered_message(f"photo folder {empty} holds no images", empty, "empty") \
+        == "photo folder empty holds no images"
