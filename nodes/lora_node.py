@@ -40,7 +40,7 @@ class IDDMLoadProtectedLoRA(io.ComfyNode):
         text = json.dumps({"lora": name, "iddm": settings} if settings else
                           {"lora": name, "iddm": None, "note": "not made by IDDM (no IDDM settings)"},
                           indent=1, sort_keys=True)
-        return io.NodeOutput(model_out, clip_out, text)
+        return io.NodeOutput(model_out, clip_out, text, ui={"iddm_lora": [settings or {}]})
 
 
 NODES = [IDDMLoadProtectedLoRA]

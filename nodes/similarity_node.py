@@ -13,6 +13,10 @@ from .places import OPTION_SOURCES, recognizer_dir
 from .schema import build_schema
 
 
+DETECT_BATCH = 16  # images per face-detector call: memory stays bounded for large batches
+GRID_TILES = 64  # the annotated grid shows the first images only (500 tiles would be ~1.5 GB)
+
+
 class IDDMIdentitySimilarity(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -33,7 +37,7 @@ class IDDMIdentitySimilarity(io.ComfyNode):
         result["recognizer"] = name
         result["held_out"] = lora is not None and name not in lora.surrogates()
         labels = [f"{s:.2f}" if s is not None else "no face" for s in result["per_image"]]
-        grid = labelled_grid(images, labels)
+        grid = labelled_grid(images[:GRID_TILES], labels[:GRID_TILES])
         figures = {k: result[k] for k in ("fsr", "mean_similarity", "recognizer", "held_out", "per_image")}
         return io.NodeOutput(result["fsr"], result["mean_similarity"], json.dumps(result["per_image"]),
                              engine_to_comfy(grid), ui={"iddm_similarity": [figures]})
@@ -48,8 +52,8 @@ def pick_recognizer(choice: str, surrogates: tuple[str, ...]) -> str:
     present = available_recognizers(recognizer_dir())
     if not present:
         raise FileNotFoundError(
-            f"no face-recognizer weights found (looked in {recognizer_dir()} and for installed "
-            "packages). The quickest start: pip install dlib-bin face-recognition-models.")
+            "no face-recognizer weights found (looked in ComfyUI's models/facerecognition and for "
+            "installed packages). The quickest start: pip install dlib-bin face-recognition-models.")
     held_out = [n for n in present if n not in surrogates]
     return (held_out or present)[0]
 
@@ -64,7 +68,9 @@ def measure(model, detector, generated: torch.Tensor, reference: torch.Tensor) -
     device = next(model.parameters()).device
     ref_landmarks = landmarks_tensor(detector.detect(reference))
     ensemble = IdentityEnsemble.from_reference([model], reference.to(device), ref_landmarks.to(device), 1.0)
-    report = identity_similarity(ensemble, list(generated), detector.detect(generated))
+    detections = [faces for start in range(0, generated.shape[0], DETECT_BATCH)
+                  for faces in detector.detect(generated[start:start + DETECT_BATCH])]
+    report = identity_similarity(ensemble, list(generated), detections)
     mean = report.mean[ensemble.names[0]]
     return {"fsr": report.fsr, "mean_similarity": round(mean, 4) if mean is not None else 0.0,
             "per_image": [round(row[0], 4) if row is not None else None for row in report.per_image]}

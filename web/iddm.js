@@ -6,6 +6,7 @@ import { api } from "../../scripts/api.js";
 
 const TRAIN = "IDDMTrain";
 const SIMILARITY = "IDDMIdentitySimilarity";
+const LOAD_LORA = "IDDMLoadProtectedLoRA";
 const CHART_HEIGHT = 170;
 const COLORS = { stage1: "#4aa3ff", stage2: "#ff6b5a", ft: "#8f8f8f", grid: "#444", text: "#ddd" };
 
@@ -157,6 +158,28 @@ function similarityText(figures) {
     `recognizer: ${judge}\nper image: ${per}`;
 }
 
+// Load Protected LoRA: the settings and figures stored in the LoRA (empty: not made by IDDM).
+function loraText(settings) {
+  if (!settings || !Object.keys(settings).length) return "not an IDDM LoRA (no IDDM settings stored)";
+  const lines = [`IDDM ${settings.version}: rho ${settings.rho}  eta ${settings.eta}  K ${settings.iterations}` +
+    `  T ${settings.pgd_steps}  recognizers ${[].concat(settings.recognizers).join(",")}`];
+  const figures = settings.figures || {};
+  if (figures.decoupled) lines.push(`photos changed: PSNR ${figures.decoupled.psnr} dB  SSIM ${figures.decoupled.ssim}`);
+  for (const [role, rows] of Object.entries(figures.identity || {})) {
+    for (const [name, v] of Object.entries(rows)) lines.push(`${name} (${role}): ${v.before} -> ${v.after}`);
+  }
+  return lines.join("\n");
+}
+
+function addTextPanel(node, name, placeholder, height) {
+  const pre = document.createElement("pre");
+  Object.assign(pre.style, { margin: "0", padding: "4px", fontSize: "11px", color: "#ddd",
+    background: "#1e1e1e", whiteSpace: "pre-wrap", overflow: "hidden" });
+  pre.textContent = placeholder;
+  addPanel(node, name, pre, height);
+  return pre;
+}
+
 function findNode(id) {
   if (id === null || id === undefined) return null;
   const local = String(id).split(":").pop(); // ids inside subgraphs look like "12:5"
@@ -186,11 +209,7 @@ app.registerExtension({
       const created = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
         const result = created?.apply(this, arguments);
-        this.iddmFigures = document.createElement("pre");
-        Object.assign(this.iddmFigures.style, { margin: "0", padding: "4px", fontSize: "11px",
-          color: "#ddd", background: "#1e1e1e", whiteSpace: "pre-wrap", overflow: "hidden" });
-        this.iddmFigures.textContent = "IDDM: similarity figures appear after a run";
-        addPanel(this, "iddm_figures", this.iddmFigures, 64);
+        this.iddmFigures = addTextPanel(this, "iddm_figures", "IDDM: similarity figures appear after a run", 64);
         return result;
       };
       const executed = nodeType.prototype.onExecuted;
@@ -198,6 +217,20 @@ app.registerExtension({
         executed?.apply(this, arguments);
         const figures = message?.iddm_similarity?.[0];
         if (figures && this.iddmFigures) this.iddmFigures.textContent = similarityText(figures);
+      };
+    }
+    if (nodeData.name === LOAD_LORA) {
+      const created = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const result = created?.apply(this, arguments);
+        this.iddmSettings = addTextPanel(this, "iddm_settings", "IDDM: the LoRA's settings appear after a run", 80);
+        return result;
+      };
+      const executed = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        executed?.apply(this, arguments);
+        const settings = message?.iddm_lora?.[0];
+        if (settings && this.iddmSettings) this.iddmSettings.textContent = loraText(settings);
       };
     }
   },

@@ -124,6 +124,7 @@ async def main(comfy_url: str, workflow_path: str, screenshot: str) -> dict:
                     const g = window.comfyAPI.app.app.graph;
                     const train = g._nodes.find(n => n.type === 'IDDMTrain');
                     const sim = g._nodes.find(n => n.type === 'IDDMIdentitySimilarity');
+                    const lora = g._nodes.find(n => n.type === 'IDDMLoadProtectedLoRA');
                     const c = train.iddmChart.canvas;
                     const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
                     let lit = 0;
@@ -136,7 +137,8 @@ async def main(comfy_url: str, workflow_path: str, screenshot: str) -> dict:
                             stage2_pixels: lit, canvas: [c.width, c.height],
                             saved_widget_values: train.serialize().widgets_values.length,
                             chart_png: c.toDataURL('image/png'),
-                            similarity_text: sim.iddmFigures.textContent};
+                            similarity_text: sim.iddmFigures.textContent,
+                            lora_text: lora.iddmSettings.textContent};
                 })()""")
                 # Centre the view on the train node so the screenshot shows the chart.
                 await page.evaluate("""(() => { const app = window.comfyAPI.app.app;

@@ -203,4 +203,5 @@ def test_web_extension_draws_the_live_chart_without_console_errors(server, tmp_p
     widgets = sum(1 + p.seed for p in spec.TRAIN.inputs if p.is_widget and not p.optional)
     assert state["saved_widget_values"] == widgets  # the chart is not saved into workflows
     assert state["similarity_text"].startswith("FSR ")
+    assert state["lora_text"].startswith("IDDM ") and "rho 0.3" in state["lora_text"], state["lora_text"]
     assert screenshot.is_file() and screenshot.with_name(screenshot.stem + "_chart.png").is_file()
