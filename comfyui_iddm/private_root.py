@@ -144,25 +144,6 @@ def list_private_folders(root: Path) -> list[str]:
     return sorted(found)
 
 
-def scrub_private_names(text: str, folder: Path, shown_as: str) -> str:
-    """`text` (e.g. an error message bound for ComfyUI's history) with the folder's path replaced
-    by `shown_as` (its relative name) and each file name in it by 'photo <n>' (n: its place among the
-    folder's photos, as the photo reports count) or 'a file'."""
-    from .photos import IMAGE_SUFFIXES
-
-    folder = Path(folder)
-    text = text.replace(str(folder), shown_as)
-    if not folder.is_dir():
-        return text
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-    photos = [p.name for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
-    names = {p.name: "a file" for p in entries}
-    names.update({name: f"photo {i + 1}" for i, name in enumerate(photos)})
-    for name in sorted(names, key=len, reverse=True):  # longest first: 'a.jpg' inside 'aa.jpg'
-        text = text.replace(name, names[name])
-    return text
-
-
 def neutral_lora_name(today: date | None = None) -> str:
     """iddm_<YYYYMMDD>_<6 random hex>: says nothing about whose LoRA it is."""
     return f"iddm_{(today or date.today()):%Y%m%d}_{secrets.token_hex(3)}"

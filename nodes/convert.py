@@ -64,11 +64,15 @@ def lora_file_name(name: str) -> str:
     return name + ".safetensors"
 
 
-def photo_report(n_used: int, issues: Sequence[Any]) -> str:
-    """The per-photo report ComfyUI keeps in its history: photo numbers and reasons, no file names."""
+def photo_report(n_used: int, issues: Sequence[Any], show_names: bool = False) -> str:
+    """The per-photo report ComfyUI keeps in its history: photo numbers and reasons, no file names
+    (unless `show_names`, for local debugging)."""
     lines = [f"{n_used} photo(s) usable."]
     for issue in issues:
-        where = f"photo {issue.index + 1}" if issue.index is not None else "one file"
+        if show_names:
+            where = issue.name
+        else:
+            where = f"photo {issue.index + 1}" if issue.index is not None else "one file"
         lines.append(f"{where}: {issue.reason}")
     return "\n".join(lines)
 

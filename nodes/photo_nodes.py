@@ -33,7 +33,8 @@ class IDDMLoadPrivatePhotos(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, folder: str, resolution: int, face_detector: str, images=None) -> io.NodeOutput:
+    def execute(cls, folder: str, resolution: int, face_detector: str, show_file_names: bool = False,
+                images=None) -> io.NodeOutput:
         from comfyui_iddm.photos import load_photo_folder, photoset_from_images
 
         from comfyui_iddm.photos import PhotoError
@@ -46,10 +47,14 @@ class IDDMLoadPrivatePhotos(io.ComfyNode):
             try:
                 photos = load_photo_folder(path, resolution, detector)
             except PhotoError as error:  # ComfyUI keeps the message in /history and its log
+                if show_file_names:
+                    raise
                 raise PhotoError(numbered_message(str(error), path, folder)) from None
         if len(photos) == 0:
-            raise ValueError("no usable photo: " + photo_report(0, photos.issues).replace("\n", "; "))
-        return io.NodeOutput(engine_to_comfy(photos.images), photo_report(len(photos), photos.issues))
+            report = photo_report(0, photos.issues, show_file_names)
+            raise ValueError("no usable photo: " + report.replace("\n", "; "))
+        return io.NodeOutput(engine_to_comfy(photos.images),
+                             photo_report(len(photos), photos.issues, show_file_names))
 
 
 class IDDMSplitReferenceProtection(io.ComfyNode):

@@ -91,13 +91,18 @@ LOAD_PHOTOS = NodeSpec(
         Port("face_detector", "COMBO", "'auto' finds the face in each photo and crops around it; "
              "'none' assumes the photos are already face-centred portraits.",
              "auto", options=("auto", "none")),
+        Port("show_file_names", "BOOLEAN", "Local debugging only: name skipped photos by their file "
+             "name in the report and in error messages. ComfyUI keeps both in its history (open to "
+             "anyone who can reach this server), so leave it off otherwise.", False,
+             display_name="show file names (local debugging)"),
         Port("images", "IMAGE", "Optional: use these images instead of the folder (e.g. from "
              "Load Image). They are cropped the same way.", optional=True),
     ),
     outputs=(
         Port("photos", "IMAGE", "The face crops, one per usable photo."),
         Port("report", "STRING", "How many photos were used, and which were skipped and why "
-             "(photos are referred to by their number, not their file name)."),
+             "(photos are referred to by their number, not their file name, unless "
+             "show_file_names is on)."),
     ),
 )
 

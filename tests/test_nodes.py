@@ -122,6 +122,9 @@ def test_photo_report_names_photos_by_number_only():
     assert report.splitlines() == ["5 photo(s) usable.", "photo 3: no face found (skipped)",
                                    "one file: not an image file (skipped)"]
     assert "anna" not in report and "notes" not in report
+    named = convert.photo_report(5, issues, show_names=True)  # local debugging only
+    assert named.splitlines()[1:] == ["anna_beach.jpg: no face found (skipped)",
+                                      "notes.txt: not an image file (skipped)"]
 
 
 def test_iddm_lora_knows_its_surrogates_from_the_metadata():

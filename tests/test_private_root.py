@@ -10,7 +10,7 @@ import pytest
 
 from comfyui_iddm.private_root import (ENV_ROOT, PrivatePathError, configured_root, is_neutral_lora_name,
                                        list_private_folders, neutral_lora_name, private_root,
-                                       resolve_private_folder, scrub_private_names, settings_file)
+                                       resolve_private_folder, settings_file)
 
 
 @pytest.fixture
@@ -114,15 +114,3 @@ def test_neutral_lora_names():
                   name + "_anna", "iddm_2026112_abcdef.safetensors"):
         assert not is_neutral_lora_name(other), other
 
-
-def test_scrub_replaces_the_folder_path_and_file_names(tmp_path):
-    folder = tmp_path / "anna_root" / "set1"
-    folder.mkdir(parents=True)
-    for name in ("b_anna.jpg", "ab_anna.jpg", "notes.txt", ".hidden.jpg"):
-        (folder / name).write_bytes(b"x")
-    message = (f"photo folder {folder} holds 2 photos: ab_anna.jpg: no face; b_anna.jpg: too small; "
-               "notes.txt: not an image")
-    scrubbed = scrub_private_names(message, folder, "'set1'")
-    assert scrubbed == ("photo folder 'set1' holds 2 photos: photo 1: no face; photo 2: too small; "
-                        "a file: not an image")
-    assert scrub_private_names(f"{tmp_path}/gone", tmp_path / "gone", "'gone'") == "'gone'"

@@ -122,7 +122,8 @@ def privacy_sweep(defs) -> dict:
 def generate_only(defs) -> dict:
     graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
     del graph["5"]  # the reference photos go straight to Identity Similarity
-    _generate(graph, 10, defs, None, "iddm_protected.safetensors", "2", "")
+    # The user picks their own LoRA; the example name has IDDM Train's neutral default shape.
+    _generate(graph, 10, defs, None, "iddm_20260101_a1b2c3.safetensors", "2", "")
     return graph
 
 
