@@ -93,8 +93,8 @@ LOAD_PHOTOS = NodeSpec(
              "auto", options=("auto", "none")),
         Port("show_file_names", "BOOLEAN", "Local debugging only: name skipped photos by their file "
              "name in the report and in error messages. ComfyUI keeps both in its history (open to "
-             "anyone who can reach this server), so leave it off otherwise.", False,
-             display_name="show file names (local debugging)"),
+             "anyone who can reach this server), so leave it off otherwise.", False, optional=True,
+             display_name="show file names (local debugging)"),  # optional: older graphs lack it
         Port("images", "IMAGE", "Optional: use these images instead of the folder (e.g. from "
              "Load Image). They are cropped the same way.", optional=True),
     ),
