@@ -53,6 +53,7 @@ class IterationPeaks:
 
     def __exit__(self, *exc) -> None:
         self._close()
+        self.after_mb = round(_status_mb("VmHWM"), 1)  # since the last step: evaluation and writing
 
     def _close(self) -> None:
         if self._iteration is not None:
@@ -68,6 +69,7 @@ class IterationPeaks:
             self._iteration, self._started = event.iteration, time.perf_counter()
         if event.done == event.total:  # the run's last step: what follows is evaluation, not training
             self._close()
+            Path("/proc/self/clear_refs").write_text("5")
 
     def growth(self, first: int = 2) -> float:
         """Peak of the last iteration relative to iteration `first` (0.05 = 5% more)."""
@@ -133,13 +135,15 @@ def main() -> None:
     print("iteration  peak RSS MB  RSS at end MB  seconds")
     for r in peaks.results:
         print(f"{r.iteration:9d}  {r.peak_mb:11.1f}  {r.end_mb:13.1f}  {r.seconds:7.1f}")
+    print(f"after training (identity before/after, report, writing): peak RSS {peaks.after_mb:.1f} MB")
     growth = peaks.growth()
     print(f"peak at iteration {peaks.results[-1].iteration} vs iteration 2: {growth * 100:+.1f}% "
           f"({'within' if abs(growth) <= 0.10 else 'OUTSIDE'} the 10% target); total "
           f"{time.perf_counter() - started:.0f} s")
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine(), "config": config.to_dict(), "photos": args.photos,
-                                         "baseline_mb": peaks.baseline_mb, "growth_vs_iteration_2": growth,
+                                         "baseline_mb": peaks.baseline_mb, "after_training_peak_mb": peaks.after_mb,
+                                         "growth_vs_iteration_2": growth,
                                          "iterations": [asdict(r) for r in peaks.results]}, indent=2))
 
 
