@@ -20,6 +20,7 @@ from .config import IDDMConfig
 from .iddm import IDDMResult, ProgressEvent, run_iddm
 from .photos import PhotoSet, assert_disjoint, load_photo_folder, split_photos, tensor_to_pil
 from .ports import Denoiser
+from .run_state import claim_state_dir
 
 
 @dataclass
@@ -155,10 +156,8 @@ class FolderOutputs:
                                                "for X' or allow overwriting (--overwrite).")
             nearest = next(p for p in (self.decoupled_dir, *self.decoupled_dir.parents) if p.exists())
             atomic.check_folder_writable(nearest, "the decoupled photos (X')")
-        if self.state_dir.exists() and not resume:
-            raise atomic.OutputExistsError(
-                f"an unfinished run for {self.lora.name} was found in {self.state_dir}; continue it with "
-                "--resume, or delete that folder to start over.")
+        claim_state_dir(self.state_dir, resume, False, self.lora.name,
+                        f"continue it with --resume, or delete {self.state_dir} to start over.")
 
 
 def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: IDDMConfig, *,

@@ -30,6 +30,10 @@ class StateMismatchError(ValueError):
     pass
 
 
+class StateExistsError(FileExistsError):
+    pass
+
+
 @dataclass
 class RunState:
     iteration: int  # last finished k
@@ -39,6 +43,27 @@ class RunState:
     decoupled: Tensor
     history: list[dict]
     seconds: float
+
+
+def private_run_dir(run_name: str) -> Path:
+    """Where a run named after its output (e.g. the LoRA file name) keeps its resumable state when
+    there is no user-chosen output folder to put it beside: the user's own cache, never a folder a
+    server shares (ComfyUI's output/, temp/ or user/ are all served over HTTP)."""
+    from .faces.weights import user_cache_dir
+    if not run_name or "/" in run_name or "\\" in run_name or run_name.startswith("."):
+        raise ValueError(f"run name {run_name!r} is not a plain file name.")
+    return user_cache_dir().parent / "runs" / run_name
+
+
+def claim_state_dir(state_dir: Path, resume: bool, start_over: bool, what: str, how: str) -> Path:
+    """A leftover state folder (a cancelled or crashed run) is continued with resume, discarded
+    when the user asked to start over, and otherwise refused, never silently lost."""
+    state_dir = Path(state_dir)
+    if state_dir.exists() and not resume:
+        if not start_over:
+            raise StateExistsError(f"an unfinished run for {what} was found (cancelled or crashed); {how}")
+        shutil.rmtree(state_dir)
+    return state_dir
 
 
 def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:

@@ -170,6 +170,11 @@ TRAIN = NodeSpec(
              optional=True),
         knob("class_prompt", "STRING"),
         knob("prior_weight", "FLOAT", step=0.1),
+        Port("resume", "BOOLEAN", "After a Cancel or a crash: continue the unfinished run of this "
+             "lora_name from its last finished iteration (same result as an uninterrupted run). Each "
+             "iteration is saved to a private folder in your user cache (never ComfyUI's output or "
+             "temp), deleted when the run finishes. Needs the same lora_name and settings.",
+             False, optional=True),
     ),
     outputs=(
         Port("lora", IDDM_LORA, "The protected LoRA with its settings, for IDDM Load Protected LoRA "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 from comfy_api.latest import io
 
@@ -18,13 +19,14 @@ class IDDMTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, reference, protection, lora_name: str, overwrite: bool,
-                face_detector: str, class_images=None, **knobs) -> io.NodeOutput:
+                face_detector: str, class_images=None, resume: bool = False, **knobs) -> io.NodeOutput:
         import folder_paths
         from comfyui_iddm.atomic import check_writable
         from comfyui_iddm.config import IDDMConfig
         from comfyui_iddm.iddm import Cancelled, total_steps
         from comfyui_iddm.lora_io import save_lora
         from comfyui_iddm.pipeline import train_on_photos
+        from comfyui_iddm.run_state import claim_state_dir, private_run_dir
 
         from .comfy_denoiser import ComfyDenoiser, training_mode
         from .photo_nodes import load_face_detector
@@ -34,6 +36,8 @@ class IDDMTrain(io.ComfyNode):
         file_name = lora_file_name(lora_name or neutral_lora_name())
         path = loras_dir() / file_name
         check_writable(path, overwrite)  # refuse before any work starts
+        state_dir = claim_state_dir(private_run_dir(file_name), resume, overwrite, file_name,
+                                    "turn on resume to continue it, or overwrite to start over.")
         ref, prot = comfy_to_engine(reference), comfy_to_engine(protection)
         resolution = _square_side(ref, "reference", _square_side(prot, "protection"))
         config = IDDMConfig(resolution=resolution, **{k: v for k, v in knobs.items()
@@ -53,13 +57,14 @@ class IDDMTrain(io.ComfyNode):
                 result = train_on_photos(
                     denoiser, reference_set, protection_set, config, weights_dir=recognizer_dir(),
                     class_images=classes, on_progress=ComfyProgress(cls.hidden.unique_id, total_steps(config)),
-                    should_cancel=cancel_requested)
+                    should_cancel=cancel_requested, state_dir=state_dir)
             except Cancelled:
                 raise_if_interrupted()
                 raise
             finally:
                 denoiser.release()
         save_lora(path, result.lora, result.metadata, overwrite=overwrite)
+        shutil.rmtree(state_dir, ignore_errors=True)
         folder_paths.filename_list_cache.pop("loras", None)  # stock loaders list the new file at once
         logging.info(f"[IDDM] saved protected LoRA {file_name} ({result.report.get('seconds_total')} s)")
         lora = IddmLora(file_name, result.lora, result.metadata)
