@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import dataclasses
 import sys
@@ -79,7 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     outputs = FolderOutputs(args.out, args.decoupled_out, args.report, args.overwrite, args.html, args.html_photos)
-    with ProgressBar() as progress:
+    with ProgressBar() as progress, interrupt_message(outputs.state_dir):
         result = train_folder(args.photos_dir, args.base, outputs, config,
                               n_reference=args.reference, split_mode=args.split, detector=args.detector,
                               weights_dir=args.weights_dir,
@@ -88,6 +89,19 @@ def run_train(args: argparse.Namespace) -> int:
                               on_progress=progress.update, on_photo_issue=progress.write)
     print_summary(result.report, args.out)
     return 0
+
+
+@contextlib.contextmanager
+def interrupt_message(state_dir: Path):
+    """Ctrl-C: say what was kept, then let main() exit with 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = state_dir.is_dir() and any(state_dir.glob("iteration-*"))
+        print("\ninterrupted: no LoRA was written; " + (
+            "the finished iterations are kept: rerun the same command with --resume to continue."
+            if kept else "no iteration had finished, so nothing was kept."), file=sys.stderr)
+        raise
 
 
 def print_summary(report: dict, lora_path: Path) -> None:
@@ -141,12 +155,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: no LoRA was written; the finished iterations are kept, rerun the same "
-              "command with --resume to continue.", file=sys.stderr)
         return 130
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         print(f"iddm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except torch_out_of_memory() as err:
+        print(f"iddm {args.command}: error: out of memory ({str(err).splitlines()[0]}); lower "
+              "--resolution or --batch-size, or on a GPU use --mixed-precision bf16 and "
+              "--gradient-checkpointing.", file=sys.stderr)
+        return 1
+
+
+def torch_out_of_memory() -> type[BaseException]:
+    import torch
+    return torch.OutOfMemoryError
 
 
 if __name__ == "__main__":

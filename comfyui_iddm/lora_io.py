@@ -15,11 +15,11 @@ from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from . import __version__
-from .atomic import check_writable, write_with
+from .atomic import check_writable, write_bytes
 from .config import IDDMConfig
 
 KOHYA_PREFIX = "lora_unet_"
@@ -115,7 +115,9 @@ def save_lora(path: str | Path, state: Mapping[str, Tensor], metadata: Mapping[s
     path = Path(path)
     check_writable(path, overwrite)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
+    # Serialized in memory, written by Python: a full disk is an OSError the caller can report,
+    # not a SafetensorError from inside the library.
+    write_bytes(path, save(tensors, metadata=dict(metadata)))
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors import SafetensorError
 from torch import Tensor
 
 from . import __version__, atomic
@@ -193,7 +192,7 @@ def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: ID
             write_report_html(result.report, outputs.html_dir,
                               strip=(protection.images, result.decoupled) if outputs.html_photos else None)
         save_lora(outputs.lora, result.lora, result.metadata, overwrite=outputs.overwrite)
-    except (OSError, SafetensorError) as err:  # disk full, read-only: hours of training must not be lost
+    except OSError as err:  # disk full, read-only: hours of training must not be lost
         raise atomic.OutputWriteError(f"{err} The trained result is kept in {outputs.state_dir}; once the "
                                       "problem is fixed, rerun the same command with --resume --overwrite "
                                       "to write the outputs without training again.") from err

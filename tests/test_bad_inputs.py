@@ -268,11 +268,15 @@ def test_a_read_only_decoupled_folder_is_refused_before_any_training(place, monk
 def test_disk_full_while_writing_the_lora_leaves_the_old_file_and_no_partial_one(place, monkeypatch):
     place.lora.write_bytes(b"old LoRA")
 
-    def half_then_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\x00" * 100)  # part of the file reached the disk
+    real_write = Path.write_bytes
+
+    def half_then_full(self, data):
+        if not self.name.startswith(".person.safetensors.") or self.suffix != ".tmp":
+            return real_write(self, data)
+        real_write(self, data[:100])  # part of the LoRA reached the disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(lora_io, "save_file", half_then_full)
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
     code, _, err = run_cli_here(train_argv(place.photos, place.lora, "--iterations", "1", "--overwrite"))
     assert code == 2
     assert f"could not write {place.lora} (No space left on device); free some disk space" in err

@@ -138,19 +138,35 @@ def test_ctrl_c_exits_130_keeps_the_state_and_resume_gives_the_uninterrupted_lor
 def test_after_a_failed_final_write_resume_writes_without_training_again(place, monkeypatch):
     import errno
 
-    from comfyui_iddm import lora_io
+    from pathlib import Path
 
-    real = lora_io.save_file
+    real = Path.write_bytes
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def lora_disk_full(self, data):
+        if self.name.startswith(f".{place.lora.name}.") and self.suffix == ".tmp":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
 
-    monkeypatch.setattr(lora_io, "save_file", full)
+    monkeypatch.setattr(Path, "write_bytes", lora_disk_full)
     argv = train_argv(place.photos, place.lora, "--report", place.out / "r.json")
     code, _, err = run_cli_here(argv)
     assert code == 2 and "--resume --overwrite" in err
-    monkeypatch.setattr(lora_io, "save_file", real)
+    monkeypatch.setattr(Path, "write_bytes", real)
     code, _, err = run_cli_here([*argv, "--resume", "--overwrite"])
     assert code == 0, err
     assert "iteration" not in err  # no step ran again
     assert files_under(place.out) == {"person.safetensors", "r.json"}
+
+
+def test_ctrl_c_before_any_iteration_finished_says_nothing_was_kept(place):
+    child = run_cli(train_argv(place.photos, place.lora, "--iterations", "2"), wait=False)
+    lines = []
+    for line in child.stderr:
+        lines.append(line)
+        if "iteration 1 stage1" in line:
+            child.send_signal(signal.SIGINT)
+            break
+    stderr = "".join(lines) + child.stderr.read()
+    assert child.wait(timeout=120) == 130, stderr
+    assert "no iteration had finished, so nothing was kept" in stderr and "--resume" not in stderr
+    assert not place.lora.exists()
