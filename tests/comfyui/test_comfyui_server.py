@@ -182,6 +182,35 @@ def test_cancel_stops_training_and_leaves_no_lora(server):
     assert not loras(f"iddm_test_{RUN}_cancel") and not list(folder.glob(".*.tmp"))
 
 
+def test_cancelled_training_resumes_from_its_last_finished_iteration(server):
+    from comfyui_iddm.run_state import private_run_dir
+
+    api = json.loads((wg.WORKFLOWS / "api" / "iddm_train_and_generate.json").read_text())
+    graph = cf.tiny_run(api, PHOTOS, f"_{RUN}_resume")
+    train = next(n for n in graph.values() if n["class_type"] == "IDDMTrain")
+    train["inputs"].update(iterations=3, ft_steps=6, seed=3)
+    file_name = f"{train['inputs']['lora_name']}.safetensors"
+    state = private_run_dir(file_name)  # the server runs as this user, with this environment
+    prompt_id = server.queue(graph)
+    deadline = time.time() + 900
+    while not list(state.glob("iteration-0001")):
+        assert time.time() < deadline, "the first iteration never finished"
+        time.sleep(0.5)
+    server.post("/interrupt")
+    server.wait(prompt_id, 600)
+    assert not loras(f"iddm_test_{RUN}_resume") and state.is_dir()
+
+    entry = server.wait(server.queue(graph), 600)  # resume off: refused, the saved work kept
+    errors = json.dumps([m[1] for m in cf.status_messages(entry) if m[0] == "execution_error"])
+    assert "unfinished run" in errors and "resume" in errors and state.is_dir()
+
+    train["inputs"]["resume"] = True
+    log_before = len(server.log())
+    run(server, graph)
+    assert loras(f"iddm_test_{RUN}_resume") and not state.exists()
+    assert "3 iteration(s)" in server.log()[log_before:]
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_web_extension_draws_the_live_chart_without_console_errors(server, tmp_path):
     spec = wg.pack_nodes.load("spec")
@@ -200,7 +229,7 @@ def test_web_extension_draws_the_live_chart_without_console_errors(server, tmp_p
     assert state["points"] == state["total"] == 6  # 2 + 2 fine-tune steps, 2 PGD steps
     assert set(state["phases"]) == {"finetune_reference", "stage2", "finetune_decoupled"}
     assert state["stage2_pixels"] > 20  # the Stage II series is drawn
-    widgets = sum(1 + p.seed for p in spec.TRAIN.inputs if p.is_widget and not p.optional)
+    widgets = sum(1 + p.seed for p in spec.TRAIN.inputs if p.is_widget)  # optional widgets too
     assert state["saved_widget_values"] == widgets  # the chart is not saved into workflows
     assert state["similarity_text"].startswith("FSR ")
     assert state["lora_text"].startswith("IDDM ") and "rho 0.3" in state["lora_text"], state["lora_text"]
