@@ -66,6 +66,28 @@ def identity_similarity(ensemble: IdentityEnsemble, images: Sequence[Tensor],
     return IdentityReport(ensemble.names, per_image, face_success_rate(detections))
 
 
+DETECT_BATCH = 16  # images per face-detector call: memory stays bounded for any number of images
+
+
+@torch.no_grad()
+def similarity_to_reference(recognizer, detector, generated: Tensor, reference: Tensor,
+                            detect_batch: int = DETECT_BATCH) -> dict:
+    """FSR and each generated image's cosine to the person's prototype (built from `reference`)
+    under one recognizer. Streams: detection in batches, one face embedded at a time, so memory
+    beyond the inputs does not grow with the number of generated images."""
+    from .faces.detect import landmarks_tensor
+
+    device = next(recognizer.parameters()).device
+    ref_landmarks = landmarks_tensor(detector.detect(reference))
+    ensemble = IdentityEnsemble.from_reference([recognizer], reference.to(device), ref_landmarks.to(device), 1.0)
+    detections = [faces for start in range(0, generated.shape[0], detect_batch)
+                  for faces in detector.detect(generated[start:start + detect_batch])]
+    report = identity_similarity(ensemble, list(generated), detections)
+    mean = report.mean[ensemble.names[0]]
+    return {"fsr": report.fsr, "mean_similarity": round(mean, 4) if mean is not None else 0.0,
+            "per_image": [round(row[0], 4) if row is not None else None for row in report.per_image]}
+
+
 def retrieval_topk(queries: Tensor, gallery: Tensor, true_index: Tensor | Sequence[int] | int,
                    ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Share of queries whose true identity is among the k gallery prototypes most similar to them.

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from comfy_api.latest import io
 
 from . import spec
@@ -13,7 +12,6 @@ from .places import OPTION_SOURCES, recognizer_dir
 from .schema import build_schema
 
 
-DETECT_BATCH = 16  # images per face-detector call: memory stays bounded for large batches
 GRID_TILES = 64  # the annotated grid shows the first images only (500 tiles would be ~1.5 GB)
 
 
@@ -27,13 +25,14 @@ class IDDMIdentitySimilarity(io.ComfyNode):
         import comfy.model_management as mm
         from comfyui_iddm.faces.detect import load_detector
         from comfyui_iddm.faces.registry import load_recognizers
+        from comfyui_iddm.metrics import similarity_to_reference
 
         device = mm.get_torch_device()
         name = pick_recognizer(recognizer, lora.surrogates() if lora is not None else ())
         model = load_recognizers([name], recognizer_dir(), device)[0]
         detector = load_detector("auto", device=device, weights_dir=recognizer_dir())
         images = comfy_to_engine(generated)
-        result = measure(model, detector, images, comfy_to_engine(reference))
+        result = similarity_to_reference(model, detector, images, comfy_to_engine(reference))
         result["recognizer"] = name
         result["held_out"] = lora is not None and name not in lora.surrogates()
         labels = [f"{s:.2f}" if s is not None else "no face" for s in result["per_image"]]
@@ -56,24 +55,6 @@ def pick_recognizer(choice: str, surrogates: tuple[str, ...]) -> str:
             "installed packages). The quickest start: pip install dlib-bin face-recognition-models.")
     held_out = [n for n in present if n not in surrogates]
     return (held_out or present)[0]
-
-
-@torch.no_grad()
-def measure(model, detector, generated: torch.Tensor, reference: torch.Tensor) -> dict:
-    """FSR and each generated face's cosine to the person's prototype (engine metrics)."""
-    from comfyui_iddm.faces.detect import landmarks_tensor
-    from comfyui_iddm.faces.ensemble import IdentityEnsemble
-    from comfyui_iddm.metrics import identity_similarity
-
-    device = next(model.parameters()).device
-    ref_landmarks = landmarks_tensor(detector.detect(reference))
-    ensemble = IdentityEnsemble.from_reference([model], reference.to(device), ref_landmarks.to(device), 1.0)
-    detections = [faces for start in range(0, generated.shape[0], DETECT_BATCH)
-                  for faces in detector.detect(generated[start:start + DETECT_BATCH])]
-    report = identity_similarity(ensemble, list(generated), detections)
-    mean = report.mean[ensemble.names[0]]
-    return {"fsr": report.fsr, "mean_similarity": round(mean, 4) if mean is not None else 0.0,
-            "per_image": [round(row[0], 4) if row is not None else None for row in report.per_image]}
 
 
 NODES = [IDDMIdentitySimilarity]

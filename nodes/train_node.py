@@ -99,7 +99,7 @@ def face_crops(images, detector, which: str):
 
     count, side = images.shape[0], images.shape[-1]
     if detector is None:
-        landmarks = torch.as_tensor(centred_face((side, side))[1], dtype=torch.float32).expand(count, 5, 2)
+        landmarks = torch.as_tensor(centred_face((side, side)).landmarks, dtype=torch.float32).expand(count, 5, 2)
     else:
         try:
             landmarks = landmarks_tensor(detector.detect(images))
