@@ -109,6 +109,22 @@ def read_iddm_settings(metadata: Mapping[str, str] | None) -> dict[str, Any] | N
     return settings
 
 
+def iddm_lora_names(folder: str | Path, names: Iterable[str]) -> set[str]:
+    """Which of these LoRA files (relative to `folder`) IDDM made: reads only each safetensors
+    header's metadata, never the weights; unreadable files are simply not IDDM-made."""
+    made = set()
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(Path(folder) / name), framework="pt") as f:
+                if "iddm.version" in (f.metadata() or {}):
+                    made.add(name)
+        except (SafetensorError, OSError):
+            continue
+    return made
+
+
 def save_lora(path: str | Path, state: Mapping[str, Tensor], metadata: Mapping[str, str],
               overwrite: bool = False) -> None:
     """Write a kohya LoRA atomically; an existing file is refused unless overwrite."""

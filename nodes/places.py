@@ -48,7 +48,14 @@ def _photo_folders() -> list[str]:
 
 
 def _lora_files() -> list[str]:
-    return folder_paths.get_filename_list("loras")
+    """Every LoRA ComfyUI lists, the IDDM-made ones first (what marks them in the list)."""
+    from comfyui_iddm.lora_io import iddm_lora_names
+
+    names = folder_paths.get_filename_list("loras")
+    made = set()
+    for root in folder_paths.get_folder_paths("loras"):
+        made |= iddm_lora_names(root, names)
+    return [n for n in names if n in made] + [n for n in names if n not in made]
 
 
 def _recognizer_choices() -> list[str]:

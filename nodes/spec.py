@@ -222,8 +222,8 @@ LOAD_LORA = NodeSpec(
     inputs=(
         Port("model", "MODEL", "The base model the LoRA was trained on."),
         Port("clip", "CLIP", "The text encoder of that model."),
-        Port("lora_name", "COMBO", "A LoRA file from models/loras. Ignored when the 'lora' input is "
-             "connected.", options_from=LORA_FILES),
+        Port("lora_name", "COMBO", "A LoRA file from models/loras; the ones IDDM made come first in "
+             "the list. Ignored when the 'lora' input is connected.", options_from=LORA_FILES),
         Port("strength_model", "FLOAT", "How strongly the LoRA changes the diffusion model.",
              1.0, -100.0, 100.0, 0.01),
         Port("strength_clip", "FLOAT", "How strongly the LoRA changes the text encoder.",

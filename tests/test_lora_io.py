@@ -105,3 +105,18 @@ def test_load_refuses_files_that_are_not_loras(tmp_path):
         load_lora(text)
     with pytest.raises(FileNotFoundError):
         load_lora(tmp_path / "absent.safetensors")
+
+
+def test_iddm_made_loras_are_told_apart_by_their_header_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    from comfyui_iddm.lora_io import iddm_lora_names, lora_metadata, save_lora
+
+    state = {"lora_unet_x.lora_down.weight": torch.zeros(4, 8), "lora_unet_x.lora_up.weight": torch.zeros(8, 4)}
+    (tmp_path / "sub").mkdir()
+    save_lora(tmp_path / "sub" / "ours.safetensors", state, lora_metadata(IDDMConfig(), {}))
+    save_file(state, str(tmp_path / "stock.safetensors"), metadata={"ss_network_dim": "4"})
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "old.pt").write_bytes(b"\x80\x04")  # never opened: not safetensors
+    names = ["sub/ours.safetensors", "stock.safetensors", "broken.safetensors", "old.pt", "missing.safetensors"]
+    assert iddm_lora_names(tmp_path, names) == {"sub/ours.safetensors"}

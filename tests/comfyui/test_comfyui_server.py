@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -152,6 +154,15 @@ def test_saved_lora_loads_in_the_stock_loader_and_changes_the_output(server):
     made = loras(f"iddm_test_{RUN}_tg")
     if not made:
         pytest.skip("needs the LoRA of test_train_and_generate_workflow_runs_and_saves_a_lora")
+    # Load Protected LoRA lists IDDM-made files first, before a stock LoRA that sorts earlier by name.
+    stock = ROOT / "models" / "loras" / f"aaa_stock_{RUN}.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, str(stock), metadata={"ss_network_dim": "4"})
+    try:
+        listed = server.get("/object_info/IDDMLoadProtectedLoRA")["IDDMLoadProtectedLoRA"]["input"]
+        options = listed["required"]["lora_name"][1]["options"]
+        assert options.index(made[0].name) < options.index(stock.name)
+    finally:
+        stock.unlink()
     log_before = len(server.log())
     without = _generate_with_stock_lora_loader(server, made[0].name, 0.0)
     with_lora = _generate_with_stock_lora_loader(server, made[0].name, 1.0)
