@@ -90,6 +90,18 @@ def test_recognizer() -> str:
     undo()
 
 
+@pytest.fixture
+def place(tmp_path, test_recognizer):
+    """photos/ (4 good synthetic portraits) and an empty out/; `lora` is out/person.safetensors."""
+    class Place:
+        photos = tmp_path / "photos"
+        out = tmp_path / "out"
+        lora = tmp_path / "out" / "person.safetensors"
+    write_photos(Place.photos, 4)
+    Place.out.mkdir()
+    return Place
+
+
 # --- synthetic photos ----------------------------------------------------------------------------
 def synthetic_portrait(size: int, seed: int) -> Image.Image:
     """A face-like drawing centred in the frame (skin oval, eyes, nose, mouth, hair), colours and

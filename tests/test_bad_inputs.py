@@ -19,19 +19,9 @@ from safetensors.torch import save_file
 from comfyui_iddm import atomic, lora_io
 from comfyui_iddm.photos import PhotoError, PhotoSet, load_photo_folder
 
-from conftest import files_under, insightface_t1, run_cli_here, synthetic_portrait, train_argv, write_photos
+from conftest import files_under, insightface_t1, run_cli_here, synthetic_portrait, train_argv
 
 
-@pytest.fixture
-def place(tmp_path, test_recognizer):
-    """photos/ (4 good synthetic portraits) and an empty out/; `lora` is out/person.safetensors."""
-    class Place:
-        photos = tmp_path / "photos"
-        out = tmp_path / "out"
-        lora = tmp_path / "out" / "person.safetensors"
-    write_photos(Place.photos, 4)
-    Place.out.mkdir()
-    return Place
 
 
 def refused(argv, out: Path, before: set[str] = frozenset()) -> str:

@@ -16,7 +16,7 @@ from comfyui_iddm.pipeline import FolderOutputs, train_folder
 from comfyui_iddm.run_state import StateMismatchError
 
 from conftest import (TinyRecognizer, files_under, run_cli, run_cli_here, synthetic_photos, tiny_config,
-                      train_argv, write_photos)
+                      train_argv)
 
 PHOTOS = synthetic_photos(4, 64, seed=2)
 REFERENCE, PROTECTION = PHOTOS[:2], PHOTOS[2:]
@@ -83,15 +83,6 @@ def test_a_resume_with_other_photos_is_refused(tmp_path):
 
 
 # --- the folder pipeline and the CLI -------------------------------------------------------------
-@pytest.fixture
-def place(tmp_path, test_recognizer):
-    class Place:
-        photos = tmp_path / "photos"
-        out = tmp_path / "out"
-        lora = tmp_path / "out" / "person.safetensors"
-    write_photos(Place.photos, 4)
-    Place.out.mkdir()
-    return Place
 
 
 def test_cancel_leaves_no_lora_and_an_older_lora_untouched(place):
@@ -111,15 +102,8 @@ def test_ctrl_c_exits_130_keeps_the_state_and_resume_gives_the_uninterrupted_lor
     reference = tmp_path / "reference.safetensors"
     assert run_cli_here(train_argv(place.photos, reference, "--iterations", "3"))[0] == 0
 
-    child = run_cli(argv, wait=False)
-    lines = []
-    for line in child.stderr:  # progress lines: one per phase when stderr is not a terminal
-        lines.append(line)
-        if "iteration 2 stage1" in line:
-            child.send_signal(signal.SIGINT)
-            break
-    stderr = "".join(lines) + child.stderr.read()
-    assert child.wait(timeout=120) == 130, stderr
+    code, stderr = interrupt_at(argv, "iteration 2 stage1")
+    assert code == 130, stderr
     assert "interrupted: no LoRA was written" in stderr and "--resume" in stderr
     assert not place.lora.exists()
     state = place.out / ".person.safetensors.iddm-state"
@@ -159,14 +143,21 @@ def test_after_a_failed_final_write_resume_writes_without_training_again(place, 
 
 
 def test_ctrl_c_before_any_iteration_finished_says_nothing_was_kept(place):
-    child = run_cli(train_argv(place.photos, place.lora, "--iterations", "2"), wait=False)
+    code, stderr = interrupt_at(train_argv(place.photos, place.lora, "--iterations", "2"), "iteration 1 stage1")
+    assert code == 130, stderr
+    assert "no iteration had finished, so nothing was kept" in stderr and "--resume" not in stderr
+    assert not place.lora.exists()
+
+
+def interrupt_at(argv, progress_line: str) -> tuple[int, str]:
+    """Runs the CLI in a child process and sends Ctrl-C when stderr shows `progress_line`
+    (one progress line per phase when stderr is not a terminal); returns (exit code, stderr)."""
+    child = run_cli(argv, wait=False)
     lines = []
     for line in child.stderr:
         lines.append(line)
-        if "iteration 1 stage1" in line:
+        if progress_line in line:
             child.send_signal(signal.SIGINT)
             break
     stderr = "".join(lines) + child.stderr.read()
-    assert child.wait(timeout=120) == 130, stderr
-    assert "no iteration had finished, so nothing was kept" in stderr and "--resume" not in stderr
-    assert not place.lora.exists()
+    return child.wait(timeout=120), stderr
