@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 CHECKPOINT_NAME = "iddm_tiny_sd15.safetensors"
 
 # Runs inside ComfyUI's interpreter with the checkout on sys.path; argv[1] = output file.
@@ -77,6 +79,15 @@ print(len(state), "tensors")
 def comfyui_path() -> Path | None:
     value = os.environ.get("COMFYUI_PATH")
     return Path(value) if value and (Path(value) / "main.py").is_file() else None
+
+
+def comfyui_marks(purpose: str, slow: bool = True) -> list:
+    """The marks of a test module that needs a real ComfyUI: skipped, saying how to enable it,
+    unless $COMFYUI_PATH points at a checkout."""
+    marks = [pytest.mark.comfyui, pytest.mark.skipif(
+        comfyui_path() is None,
+        reason=f"set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to its Python) to {purpose}")]
+    return marks + [pytest.mark.slow] if slow else marks
 
 
 def comfyui_python() -> str:

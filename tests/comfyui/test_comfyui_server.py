@@ -26,11 +26,7 @@ import comfyui_fixtures as cf  # noqa: E402
 import workflow_graphs as wg  # noqa: E402
 
 ROOT = cf.comfyui_path()
-pytestmark = [
-    pytest.mark.comfyui, pytest.mark.slow,
-    pytest.mark.skipif(ROOT is None, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to "
-                                            "its Python) to run the tests against a real ComfyUI server"),
-]
+pytestmark = cf.comfyui_marks("run the tests against a real ComfyUI server")
 REPO = Path(__file__).resolve().parents[2]
 RUN = uuid.uuid4().hex[:6]  # keeps this run's LoRAs and photo folder apart from anything else
 PHOTOS = f"iddm_it_{RUN}"

@@ -11,17 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import comfyui_fixtures as cf  # noqa: E402
 
 ROOT = cf.comfyui_path()
-pytestmark = [
-    pytest.mark.comfyui, pytest.mark.slow,
-    pytest.mark.skipif(ROOT is None, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to "
-                                            "its Python) to compare the ComfyUI adapter with the diffusers one"),
-]
+pytestmark = cf.comfyui_marks("compare the ComfyUI adapter with the diffusers one")
 
 
 def test_comfyui_adapter_matches_the_diffusers_adapter():

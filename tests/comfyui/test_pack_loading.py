@@ -9,18 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import comfyui_fixtures as cf  # noqa: E402
 
 ROOT = cf.comfyui_path()
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(ROOT is None, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to "
-                                            "its Python) to load the pack the way ComfyUI does"),
-]
+pytestmark = cf.comfyui_marks("load the pack the way ComfyUI does", slow=False)
 
 SCRIPT = textwrap.dedent("""
     import asyncio, importlib.util, json, logging, sys

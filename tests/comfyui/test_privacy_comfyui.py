@@ -19,13 +19,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comfyui_fixtures import (ComfyServer, comfyui_path, ensure_tiny_checkpoint, make_face_photos,
-                              status_messages, tiny_run)
+from comfyui_fixtures import (ComfyServer, comfyui_marks, comfyui_path, ensure_tiny_checkpoint,
+                              make_face_photos, status_messages, tiny_run)
 
 COMFYUI = comfyui_path()
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
-              pytest.mark.skipif(COMFYUI is None, reason="set $COMFYUI_PATH to a ComfyUI checkout to run "
-                                                          "the tests against a real ComfyUI")]
+pytestmark = comfyui_marks("run the privacy tests against a real ComfyUI")
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("IDDM_PRIVACY_TEST_PORT", "8190"))
