@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..config import parse_list
+from ..photos import IMAGE_SUFFIXES, pil_to_tensor, read_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # Detection cost grows with the pixel count; faces in larger photos are plenty big at this size.
 MAX_SIDE = 1024
 
@@ -106,12 +106,8 @@ def read_folder(folder: Path) -> tuple[list[Path], list[torch.Tensor]]:
 
 
 def _read_image(path: Path) -> torch.Tensor:
-    """[3,H,W] in [0,1], upright (EXIF), RGB, longer side at most MAX_SIDE."""
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path.name} could not be read as an image ({err}).") from None
+    """[3,H,W] in [0,1] through the engine's photo reader (EXIF, any mode, bad files refused with
+    a reason), longer side at most MAX_SIDE."""
+    img = read_image(path)
     img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(
-        img.height, img.width, 3).permute(2, 0, 1).float() / 255
+    return pil_to_tensor(img)
