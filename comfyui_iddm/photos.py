@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .faces.detect import FaceDetection
 from .faces.templates import ARCFACE_112, scaled_template
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif"}
@@ -225,12 +226,6 @@ def photoset_from_images(images: Tensor, resolution: int, detector=None,
 
 
 # --- face-centred crops ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Face:
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in photo pixels
-    landmarks: np.ndarray  # [5,2] in photo pixels
-    score: float
-
 
 def crop_faces(photos: Iterable[tuple[int, str, Image.Image]], resolution: int, detector=None,
                issues: list[PhotoIssue] | None = None) -> PhotoSet:
@@ -270,7 +265,8 @@ def _side(box) -> float:
     return float(max(box[2] - box[0], box[3] - box[1]))
 
 
-def _main_face(detector, img: Image.Image, index: int, name: str, issues: list[PhotoIssue]) -> _Face | None:
+def _main_face(detector, img: Image.Image, index: int, name: str,
+               issues: list[PhotoIssue]) -> FaceDetection | None:
     """The person's face: the only one, or one clearly larger than the others; None = skip."""
     faces = sorted(detector.detect(pil_to_tensor(img)[None])[0], key=lambda f: -_side(f.box))
     if not faces:
@@ -288,18 +284,18 @@ def _main_face(detector, img: Image.Image, index: int, name: str, issues: list[P
         return None
     if len(faces) > 1:
         issues.append(PhotoIssue(index, name, f"{len(faces)} faces found; using the largest", skipped=False))
-    return _Face(tuple(float(v) for v in main.box), np.asarray(main.landmarks, dtype=np.float64),
+    return FaceDetection(tuple(float(v) for v in main.box), np.asarray(main.landmarks, dtype=np.float64),
                  float(main.score))
 
 
-def centred_face(size: tuple[int, int]) -> _Face:
+def centred_face(size: tuple[int, int]) -> FaceDetection:
     """No detector: a face box in the middle of the photo, landmarks where ArcFace's template puts them."""
     w, h = size
     side = min(w, h) / CROP_SCALE
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
     template = scaled_template(ARCFACE_112, 112, 1).numpy().astype(np.float64)  # in a 1-pixel box
     points = np.array(box[:2]) + (template + 0.5) * side - 0.5
-    return _Face(box, points, 1.0)
+    return FaceDetection(box, points, 1.0)
 
 
 def square_crop(img: Image.Image, box, points: np.ndarray, resolution: int) -> tuple[Image.Image, np.ndarray]:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from comfyui_iddm.faces.detect import FaceDetection, decode_scrfd, face_problem, landmarks_tensor, load_detector
+from comfyui_iddm.faces.detect import FaceDetection, decode_scrfd, landmarks_tensor, load_detector
 
 INPUT = 64  # cells: 8 (stride 8), 4 (stride 16), 2 (stride 32); 2 anchors per cell
 
@@ -41,13 +41,6 @@ def test_scrfd_without_faces_and_with_a_foreign_model():
 
 def _face(size, score=0.99):
     return FaceDetection((10.0, 10.0, 10.0 + size, 10.0 + size * 1.2), np.zeros((5, 2), np.float32), score)
-
-
-def test_face_problems_are_named():
-    assert face_problem([]) == "no face found"
-    assert "2 faces" in face_problem([_face(100), _face(90)])
-    assert "too small" in face_problem([_face(20)], min_face_size=40)
-    assert face_problem([_face(100)]) is None
 
 
 def test_landmarks_tensor_names_images_without_a_face():

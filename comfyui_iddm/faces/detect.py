@@ -173,18 +173,6 @@ def load_detector(name: str = "auto", device: str | torch.device = "cpu",
     return MTCNNDetector(device)
 
 
-def face_problem(faces: Sequence[FaceDetection], min_face_size: float = 40.0) -> str | None:
-    """Why a photo's detections are not one usable face (None = fine). The caller names the photo."""
-    if not faces:
-        return "no face found"
-    if len(faces) > 1:
-        return f"{len(faces)} faces found (use photos of one person; crop the others out)"
-    if faces[0].size < min_face_size:
-        return (f"the face is too small ({faces[0].size:.0f} px across; at least {min_face_size:.0f} "
-                "px is needed)")
-    return None
-
-
 def landmarks_tensor(detections: Sequence[Sequence[FaceDetection]]) -> Tensor:
     """[B,5,2] landmarks of the best face of every image; error naming the images without one."""
     missing = [i for i, faces in enumerate(detections) if not faces]
