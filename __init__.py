@@ -74,8 +74,11 @@ if ComfyExtension is not None:
         async def get_node_list(self) -> list:
             try:
                 _import_engine()
+                from comfyui_iddm.allocator import keep_freed_memory, wanted_in_shared_process
                 from .nodes.places import register_model_folders
                 register_model_folders()
+                if wanted_in_shared_process() and keep_freed_memory():  # opt-in: ComfyUI's process is shared
+                    LOG.info("[IDDM] IDDM_MALLOC_POLICY=keep: malloc keeps freed memory (faster CPU training)")
             except Exception as error:
                 LOG.error(f"[IDDM] the IDDM engine could not be loaded, so no IDDM nodes are "
                           f"available: {_install_hint(error)}",

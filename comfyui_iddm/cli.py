@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # this process exits after one job: reuse freed memory (allocator.py)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .precision import MIXED_PRECISION
+
 
 class ConfigError(ValueError):
     """A knob has a value outside its allowed range; the message names knob, value and range."""
@@ -54,8 +56,14 @@ KNOBS: dict[str, Knob] = {
     "class_prompt": Knob("Prompt of the class images for prior preservation."),
     "recognizers": Knob("Surrogate face recognizers Stage II pushes the identity away in "
                         "('auto' = every one whose weights are present)."),
-    "mixed_precision": Knob("'no', 'fp16' or 'bf16' autocast for the diffusion model (GPU users)."),
-    "gradient_checkpointing": Knob("Recompute UNet activations in backward to save memory (GPU users)."),
+    "mixed_precision": Knob("Compute dtype of the diffusion model: 'auto' (bf16 where the device has it, "
+                            "fp16 with loss scaling on older GPUs, float32 on a CPU unless the weights "
+                            "are stored in half precision), 'no' (float32), 'fp16' or 'bf16'. LoRA "
+                            "weights and optimizer state are always float32."),
+    "gradient_checkpointing": Knob("Recompute UNet and VAE activations in backward instead of keeping "
+                                   "them: much less memory, ~30% more time (on for cards up to 12 GB)."),
+    "pgd_batch": Knob("Photos per PGD forward/backward (0 = auto: from free memory on a GPU, all photos "
+                      "on a CPU). Exact: the same X' as all at once, up to float rounding.", 0, 256),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -64,7 +72,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "likeness": {"rho": 0.5},
 }
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,9 @@ class IDDMConfig:
     prior_weight: float = 0.0
     recognizers: tuple[str, ...] = ("auto",)
     stage2_timesteps: tuple[int, int] = (0, 200)
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    pgd_batch: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.recognizers, str):

@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 
 from .config import IDDMConfig
-from .losses import denoised_prediction, draw_noise, identity_loss, reconstruction_loss
+from .losses import NoiseDraw, denoised_prediction, draw_noise, identity_loss, reconstruction_loss
+from .memory import PhotoChunks
 from .personalize import PriorPreservation, fine_tune
-from .pgd import signed_step
+from .pgd import loss_scale_for, photo_gradient, signed_step
 from .ports import Denoiser, IdentityScorer
+from .precision import needs_loss_scaling
 from .run_state import RunState, load_latest_state, save_state
 
 
@@ -51,6 +53,7 @@ class ProgressEvent:
 class IterationRecord:
     stage1_loss: list[float] = field(default_factory=list)  # L_rec at each Stage I step
     stage2_score: list[float] = field(default_factory=list)  # S at each Stage II step
+    pgd_zero_grad: list[float] = field(default_factory=list)  # share of photo gradients exactly 0, per PGD step
     ft_loss: list[float] = field(default_factory=list)  # both fine-tunes, in order
     seconds: float = 0.0
 
@@ -82,18 +85,19 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
     landmarks = protection_landmarks.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(denoiser.trainable_parameters(), lr=config.lr, weight_decay=1e-2)
-    scaler = (torch.amp.GradScaler(device.type)
-              if config.mixed_precision == "fp16" and device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(denoiser.compute_dtype) else None
     step_counter = _StepCounter(total_steps(config), on_progress, should_cancel)
+    chunks = PhotoChunks(config.pgd_batch, x_orig.shape[0], device)
 
     with torch.no_grad():
         cond = denoiser.encode_prompt([config.instance_prompt]).to(device)
-        reference_latents = denoiser.encode(reference.to(device))  # Xc never changes: encode once
+        reference_latents = encode_in_chunks(denoiser, reference, chunks.size)  # Xc never changes
         prior = None
         if class_images is not None and config.prior_weight > 0:
-            prior = PriorPreservation(denoiser.encode(class_images.to(device)),
+            prior = PriorPreservation(encode_in_chunks(denoiser, class_images, chunks.size),
                                       denoiser.encode_prompt([config.class_prompt]).to(device),
                                       config.prior_weight)
+    latent_shape = (x_orig.shape[0], *reference_latents.shape[1:])
 
     x_prime, history, first_k, seconds_before = x_orig.clone(), [], 1, 0.0
     resumed = load_latest_state(state_dir, config, x_orig.cpu()) if state_dir is not None else None
@@ -117,11 +121,11 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
 
         # Step 2: Stage I then Stage II on the protection photos, model frozen
         x_prime = decouple_photos(denoiser, scorer, x_prime, x_orig, landmarks, cond, config,
-                                  generator, record, step_counter, k)
+                                  generator, record, step_counter, k, chunks, latent_shape)
 
         # Step 3: Θk <- FT(Θ'k; X')
         with torch.no_grad():
-            decoupled_latents = denoiser.encode(x_prime)
+            decoupled_latents = encode_in_chunks(denoiser, x_prime, chunks.size)
         record.ft_loss += fine_tune(denoiser, optimizer, decoupled_latents, cond, config.ft_steps,
                                     config.batch_size, generator, prior, scaler,
                                     step_counter.reporter(k, "finetune_decoupled", config.ft_steps))
@@ -140,28 +144,53 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
 
 def decouple_photos(denoiser: Denoiser, scorer: IdentityScorer | None, x_prime: Tensor, x_orig: Tensor,
                     landmarks: Tensor, cond: Tensor, config: IDDMConfig, generator: torch.Generator,
-                    record: IterationRecord, step_counter: "_StepCounter", k: int) -> Tensor:
-    """Step 2: T signed PGD steps; the first T_rec on L_rec (Stage I), the rest on L_id (Stage II)."""
+                    record: IterationRecord, step_counter: "_StepCounter", k: int, chunks: PhotoChunks,
+                    latent_shape: tuple[int, ...]) -> Tensor:
+    """Step 2: T signed PGD steps; the first T_rec on L_rec (Stage I), the rest on L_id (Stage II).
+    The noise of a step is drawn for all photos at once, so chunking (pgd_batch) changes nothing."""
     stage1_steps = config.stage1_steps
     stage2_steps = config.pgd_steps - stage1_steps
+    loss_scale = loss_scale_for(denoiser.compute_dtype)
     with frozen(denoiser.trainable_parameters()):
         for t in range(1, config.pgd_steps + 1):
-            x = x_prime.detach().requires_grad_(True)
-            z0 = denoiser.encode(x)
-            if t <= stage1_steps:
-                loss = reconstruction_loss(denoiser, z0, cond, draw_noise(denoiser, z0, generator))
-                record.stage1_loss.append(float(loss.detach()))
-                step_counter.step(k, "stage1", t, stage1_steps, record.stage1_loss[-1])
+            stage1 = t <= stage1_steps
+            draw = draw_noise(denoiser, latent_shape, generator, None if stage1 else config.stage2_timesteps)
+            chunk_loss = (stage1_loss(denoiser, cond, draw) if stage1 else
+                          stage2_loss(denoiser, scorer, cond, draw, landmarks))
+            gradient = chunks.run(lambda size: photo_gradient(chunk_loss, x_prime, size, loss_scale))
+            record.pgd_zero_grad.append(gradient.zero_fraction)
+            if stage1:
+                record.stage1_loss.append(gradient.loss)
+                step_counter.step(k, "stage1", t, stage1_steps, gradient.loss)
             else:
-                draw = draw_noise(denoiser, z0, generator, config.stage2_timesteps)
-                x0_hat = denoised_prediction(denoiser, z0, cond, draw)
-                loss, similarity = identity_loss(scorer, x0_hat, landmarks)
-                record.stage2_score.append(float(similarity.mean()))
+                record.stage2_score.append(gradient.loss - 1.0)  # L_id = 1 + S
                 step_counter.step(k, "stage2", t - stage1_steps, stage2_steps, record.stage2_score[-1])
             # One memory layout for X' always: the step's output inherits the gradient's layout, and a
             # resumed run (X' read from disk) must compute bit-identically to an uninterrupted one.
-            x_prime = signed_step(x, loss, x_orig, config.pgd_alpha, config.eta).contiguous()
+            x_prime = signed_step(x_prime, gradient.grad, x_orig, config.pgd_alpha, config.eta).contiguous()
     return x_prime
+
+
+def stage1_loss(denoiser: Denoiser, cond: Tensor, draw: NoiseDraw):
+    """Stage I's L_rec (eq. 8) for a chunk of the photos: its share of the batch mean."""
+    total = draw.noise.numel()
+    return lambda x, rows: reconstruction_loss(denoiser, denoiser.encode(x), cond, draw[rows], "sum") / total
+
+
+def stage2_loss(denoiser: Denoiser, scorer: IdentityScorer, cond: Tensor, draw: NoiseDraw, landmarks: Tensor):
+    """Stage II's L_id (eq. 13) on x0_hat for a chunk of the photos: its share of the batch mean."""
+    photos = draw.t.shape[0]
+
+    def loss(x: Tensor, rows: slice) -> Tensor:
+        x0_hat = denoised_prediction(denoiser, denoiser.encode(x), cond, draw[rows])
+        return identity_loss(scorer, x0_hat, landmarks[rows], batch_size=photos)[0]
+    return loss
+
+
+def encode_in_chunks(denoiser: Denoiser, images: Tensor, chunk: int) -> Tensor:
+    """VAE latents of images, `chunk` at a time (no gradient): the VAE at 512 px is memory-hungry."""
+    return torch.cat([denoiser.encode(images[i:i + chunk].to(denoiser.device))
+                      for i in range(0, images.shape[0], chunk)])
 
 
 @contextlib.contextmanager

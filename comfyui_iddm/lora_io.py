@@ -2,13 +2,14 @@
 
 kohya keys (`lora_unet_<diffusers module path, . -> _>.lora_down.weight` / `.lora_up.weight` /
 `.alpha`) are what ComfyUI, A1111/Forge and diffusers all load; peft's `lora_A/lora_B` keys are not
-mapped by ComfyUI for attention layers. The metadata records the IDDM settings and aggregate
+mapped by ComfyUI for attention layers. Both doors name, initialise and check their LoRA here. The metadata records the IDDM settings and aggregate
 figures, never anything that identifies the photos.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -24,7 +25,10 @@ from .config import IDDMConfig
 
 KOHYA_PREFIX = "lora_unet_"
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
+
+
+class LoRAError(ValueError):
+    """A LoRA state does not fit the model; the message says which module and what to do."""
 
 
 def kohya_name(module_path: str) -> str:
@@ -33,45 +37,38 @@ def kohya_name(module_path: str) -> str:
     return KOHYA_PREFIX + module_path.replace(".", "_")
 
 
-def peft_to_kohya(state: Mapping[str, Tensor], lora_alpha: float) -> dict[str, Tensor]:
-    """peft keys `<module path>.lora_A.weight` / `.lora_B.weight` -> kohya keys with `.alpha`.
-
-    kohya scales by alpha / rank and peft by lora_alpha / r, so `.alpha` = lora_alpha is exact."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in state.items():
-        if key.endswith(PEFT_A):
-            name = kohya_name(key[: -len(PEFT_A)])
-            out[name + DOWN] = tensor
-            out[name + ALPHA] = torch.tensor(float(lora_alpha))
-        elif key.endswith(PEFT_B):
-            out[kohya_name(key[: -len(PEFT_B)]) + UP] = tensor
-        else:
-            raise ValueError(f"{key!r} is not a peft LoRA key (expected *{PEFT_A} or *{PEFT_B}).")
-    return out
+def kaiming_uniform_down(rank: int, in_features: int, generator: torch.Generator) -> Tensor:
+    """kohya's (and peft's default) LoRA initialisation, the one both doors use: lora_down ~
+    Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)); lora_up = 0, so training starts
+    at the base model."""
+    bound = 1.0 / math.sqrt(in_features)
+    return torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)
 
 
-def kohya_to_peft(state: Mapping[str, Tensor], module_paths: Iterable[str],
-                  lora_alpha: float) -> dict[str, Tensor]:
-    """Inverse of peft_to_kohya for a model whose LoRA modules are `module_paths` (needed because
-    `_` in kohya names is ambiguous). A file alpha other than lora_alpha is folded into lora_up so
-    the LoRA's effect is unchanged. Every module must be present and no other key."""
-    paths = {kohya_name(p): p for p in module_paths}
+def match_lora(state: Mapping[str, Tensor], expected: Mapping[str, tuple[torch.Size, torch.Size]],
+               lora_alpha: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """Checks a kohya state against a model's LoRA modules (kohya name -> shapes of down and up) and
+    returns name -> (down, up). Every module must be present with its shapes, and no other key. A
+    file alpha other than lora_alpha is folded into up, so the LoRA's effect is unchanged."""
     names = {key.rsplit(".", 2)[0] if key.endswith((DOWN, UP)) else key.rsplit(".", 1)[0]
              for key in state}
-    unknown = sorted(names - set(paths))
-    missing = sorted(set(paths) - names)
+    unknown = sorted(names - set(expected))
+    missing = sorted(set(expected) - names)
     if unknown or missing:
-        raise ValueError(f"the LoRA does not fit this model: {len(unknown)} unknown module(s) "
-                         f"{unknown[:3]}, {len(missing)} missing module(s) {missing[:3]}; "
-                         "was it trained on a different base model?")
-    out: dict[str, Tensor] = {}
-    for name, path in paths.items():
+        raise LoRAError(f"the LoRA does not fit this model: {len(unknown)} unknown module(s) "
+                        f"{unknown[:3]}, {len(missing)} missing module(s) {missing[:3]}; "
+                        "was it trained on a different base model?")
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, shapes in expected.items():
         down, up = state.get(name + DOWN), state.get(name + UP)
         if down is None or up is None:
-            raise ValueError(f"{name} lacks {DOWN if down is None else UP}; the LoRA file is incomplete.")
+            raise LoRAError(f"{name} lacks {DOWN if down is None else UP}; the LoRA file is incomplete.")
+        if (down.shape, up.shape) != tuple(shapes):
+            raise LoRAError(f"LoRA weight for {name} has shapes {tuple(down.shape)} / {tuple(up.shape)}, "
+                            f"this model expects {tuple(shapes[0])} / {tuple(shapes[1])}; set rank to the "
+                            "file's rank (ss_network_dim in its metadata), or use a LoRA of this base model.")
         alpha = float(state[name + ALPHA]) if name + ALPHA in state else down.shape[0]
-        out[path + PEFT_A] = down
-        out[path + PEFT_B] = up if alpha == lora_alpha else up * (alpha / lora_alpha)
+        out[name] = (down, up if alpha == lora_alpha else up * (alpha / lora_alpha))
     return out
 
 

@@ -27,11 +27,11 @@ def fine_tune(denoiser: Denoiser, optimizer: torch.optim.Optimizer, latents: Ten
     losses = []
     for step in range(steps):
         batch = latents[random_batch(latents.shape[0], batch_size, generator)]
-        loss = reconstruction_loss(denoiser, batch, cond, draw_noise(denoiser, batch, generator))
+        loss = reconstruction_loss(denoiser, batch, cond, draw_noise(denoiser, batch.shape, generator))
         if prior is not None and prior.weight > 0:
             prior_batch = prior.latents[random_batch(prior.latents.shape[0], batch_size, generator)]
             loss = loss + prior.weight * reconstruction_loss(
-                denoiser, prior_batch, prior.cond, draw_noise(denoiser, prior_batch, generator))
+                denoiser, prior_batch, prior.cond, draw_noise(denoiser, prior_batch.shape, generator))
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()

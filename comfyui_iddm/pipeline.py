@@ -80,6 +80,7 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
                       state_dir=state_dir)
     identity = identity_before_after(recognizers, roles, reference, protection, result.decoupled, config.tau)
     report = build_report(config, reference, protection, result, identity)
+    report["compute_dtype"] = str(denoiser.compute_dtype).removeprefix("torch.")
     # Metadata holds numbers only (lora_io refuses text), so the recognizer names become keys.
     figures = {"decoupled": report["decoupled"], "seconds_total": report["seconds_total"],
                "identity": {role: {row["recognizer"]: {"before": row["before"], "after": row["after"]}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import re
 from typing import Iterator, Sequence
 
@@ -41,13 +40,12 @@ class LoRAWeight(nn.Module):
     """W -> W + (alpha / rank) * up @ down, applied by ComfyUI's cast ops on every forward."""
 
     def __init__(self, weight: Tensor, rank: int, alpha: float, generator: torch.Generator) -> None:
+        from comfyui_iddm.lora_io import kaiming_uniform_down
+
         super().__init__()
         out_features, in_features = weight.shape
-        down = torch.empty(rank, in_features)
-        # kohya / peft initialisation: down ~ Kaiming-uniform, up = 0, so training starts at W.
-        bound = 1.0 / math.sqrt(in_features)
-        down.uniform_(-bound, bound, generator=generator)
-        self.down = nn.Parameter(down.to(weight.device))
+        # The one initialisation both doors use (kohya's): down ~ Kaiming-uniform, up = 0.
+        self.down = nn.Parameter(kaiming_uniform_down(rank, in_features, generator).to(weight.device))
         self.up = nn.Parameter(torch.zeros(out_features, rank, device=weight.device))
         self.alpha = float(alpha)
 
@@ -92,7 +90,7 @@ class ComfyDenoiser:
             raise ValueError("this MODEL needs extra conditioning (SDXL-style size / pooled-text "
                              "inputs), which IDDM Train does not provide yet; use an SD 1.x / 2.x "
                              "checkpoint.")
-        self.prediction_type = "v_prediction" if isinstance(sampling, ms.V_PREDICTION) else "epsilon"
+        prediction_type = "v_prediction" if isinstance(sampling, ms.V_PREDICTION) else "epsilon"
         self.device = mm.get_torch_device()
         self.mixed_precision = mixed_precision
 
@@ -112,10 +110,11 @@ class ComfyDenoiser:
             adapter.to(self.device)
         _make_trainable_copies(self.base)
         _make_trainable_copies(vae.first_stage_model)
-        sigmas = sampling.sigmas.detach().float().to(self.device)
-        self._sigmas = sigmas.clone()
-        self._alphas_cumprod = 1.0 / (1.0 + self._sigmas ** 2)
-        self.num_train_timesteps = int(sigmas.shape[0])
+        from comfyui_iddm.diffusion import NoiseSchedule
+
+        self._sigmas = sampling.sigmas.detach().float().to(self.device).clone()
+        self.schedule = NoiseSchedule.from_sigmas(self._sigmas, prediction_type)
+        self.compute_dtype = torch.float32
         self._checkpointed: list[nn.Module] = []
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
@@ -141,34 +140,16 @@ class ComfyDenoiser:
         return ((vae.first_stage_model.decode(raw).float() + 1.0) / 2.0).to(self.device)
 
     # -- diffusion --------------------------------------------------------------------------------
-    def _alpha(self, t: Tensor, like: Tensor) -> Tensor:
-        return self._alphas_cumprod[t.to(self.device)].view(-1, *([1] * (like.ndim - 1)))
-
-    def add_noise(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        a = self._alpha(t, z0)
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise
-
     def predict(self, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """The raw UNet output, solved from apply_model's denoised latent (linear in it)."""
         sigma = self._sigmas[t.to(self.device)]
         s = sigma.view(-1, *([1] * (z_t.ndim - 1)))
         x = z_t * (1 + s ** 2).sqrt()  # ComfyUI's sampler space
-        denoised = self.base.apply_model(x, sigma, c_crossattn=cond)
-        if self.prediction_type == "epsilon":  # denoised = x - out * sigma
+        denoised = self.base.apply_model(x, sigma, c_crossattn=cond).float()
+        if self.schedule.prediction_type == "epsilon":  # denoised = x - out * sigma
             return (x - denoised) / s
         # v: denoised = x / (sigma^2 + 1) - out * sigma / sqrt(sigma^2 + 1)
         return (x / (s ** 2 + 1) - denoised) * (s ** 2 + 1).sqrt() / s
-
-    def training_target(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        a = self._alpha(t, z0)
-        return a.sqrt() * noise - (1 - a).sqrt() * z0
-
-    def predict_x0(self, z_t: Tensor, t: Tensor, model_output: Tensor) -> Tensor:
-        a = self._alpha(t, z_t)
-        if self.prediction_type == "epsilon":
-            return (z_t - (1 - a).sqrt() * model_output) / a.sqrt()
-        return a.sqrt() * z_t - (1 - a).sqrt() * model_output
 
     # -- LoRA ---------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -184,18 +165,15 @@ class ComfyDenoiser:
         return state
 
     def load_lora_state_dict(self, state: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            for path, adapter in self.lora.items():
-                name = kohya_name(path)
-                alpha = float(state.get(name + ".alpha", adapter.alpha))
-                adapter.down.copy_(state[name + ".lora_down.weight"])
-                adapter.up.copy_(state[name + ".lora_up.weight"] * (alpha / adapter.alpha))
+        from comfyui_iddm.lora_io import match_lora
 
-    def autocast(self):
-        if self.mixed_precision == "no" or self.device.type == "cpu":
-            return contextlib.nullcontext()
-        dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        adapters = {kohya_name(path): adapter for path, adapter in self.lora.items()}
+        matched = match_lora(state, {name: (a.down.shape, a.up.shape) for name, a in adapters.items()},
+                             next(iter(adapters.values())).alpha)
+        with torch.no_grad():
+            for name, (down, up) in matched.items():
+                adapters[name].down.copy_(down)
+                adapters[name].up.copy_(up)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each UNet block's activations in backward instead of keeping them (less memory,

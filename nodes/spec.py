@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from comfyui_iddm.config import KNOBS, IDDMConfig
+from comfyui_iddm.precision import MIXED_PRECISION
 
 CATEGORY = "IDDM privacy"
 IDDM_LORA = "IDDM_LORA"  # custom type: a trained protected LoRA (weights + name + settings)
@@ -160,8 +161,9 @@ TRAIN = NodeSpec(
              "workflow you share, so don't name it after the person.", ""),
         Port("overwrite", "BOOLEAN", "Replace an existing LoRA of the same name. Off: a name that "
              "is taken is refused before any training starts.", False),
-        knob("mixed_precision", "COMBO", options=("no", "fp16", "bf16")),
+        knob("mixed_precision", "COMBO", options=MIXED_PRECISION),
         knob("gradient_checkpointing", "BOOLEAN"),
+        knob("pgd_batch", "INT", optional=True),
         Port("face_detector", "COMBO", "'auto' finds the eyes, nose and mouth in each photo (the "
              "face recognizers need them); 'none' assumes face-centred crops such as IDDM Load "
              "Private Photos makes with its detector off.", "auto", options=("auto", "none")),

@@ -40,8 +40,8 @@ def train_steps(d: DiffusersDenoiser, steps: int = 3, seed: int = 0) -> None:
     z0 = d.encode(images(2))
     for _ in range(steps):
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, d.num_train_timesteps, (2,), generator=gen)
-        loss = F.mse_loss(d.predict(d.add_noise(z0, noise, t), t, cond), d.training_target(z0, noise, t))
+        t = torch.randint(0, d.schedule.num_train_timesteps, (2,), generator=gen)
+        loss = F.mse_loss(d.predict(d.schedule.add_noise(z0, noise, t), t, cond), d.schedule.training_target(z0, noise, t))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -56,14 +56,14 @@ def unet_output(d: DiffusersDenoiser) -> torch.Tensor:
 
 def test_conforms_to_the_port_with_sd_shapes(denoiser):
     assert isinstance(denoiser, Denoiser)
-    assert denoiser.num_train_timesteps == 1000
+    assert denoiser.schedule.num_train_timesteps == 1000
     x = images(2, 64)
     z = denoiser.encode(x)
     assert z.shape == (2, LATENT_CHANNELS, 8, 8)  # 8x smaller spatially, like SD's VAE
     cond = denoiser.encode_prompt([PROMPT])
     assert cond.shape == (1, 16, denoiser.unet.config.cross_attention_dim)
     t = torch.tensor([5, 500])
-    out = denoiser.predict(denoiser.add_noise(z, torch.randn_like(z), t), t, cond)
+    out = denoiser.predict(denoiser.schedule.add_noise(z, torch.randn_like(z), t), t, cond)
     assert out.shape == z.shape and torch.isfinite(out).all()
     assert denoiser.decode(z).shape == x.shape
 
@@ -86,18 +86,18 @@ def test_add_noise_and_target_match_the_sd_schedule(denoiser):
                               beta_schedule="scaled_linear")
     z0, noise = torch.randn(3, LATENT_CHANNELS, 4, 4), torch.randn(3, LATENT_CHANNELS, 4, 4)
     t = torch.tensor([0, 321, 999])
-    assert torch.allclose(denoiser.add_noise(z0, noise, t), reference.add_noise(z0, noise, t), atol=1e-6)
-    expected = noise if denoiser.prediction_type == "epsilon" else reference.get_velocity(z0, noise, t)
-    assert torch.allclose(denoiser.training_target(z0, noise, t), expected, atol=1e-6)
+    assert torch.allclose(denoiser.schedule.add_noise(z0, noise, t), reference.add_noise(z0, noise, t), atol=1e-6)
+    expected = noise if denoiser.schedule.prediction_type == "epsilon" else reference.get_velocity(z0, noise, t)
+    assert torch.allclose(denoiser.schedule.training_target(z0, noise, t), expected, atol=1e-6)
 
 
 def test_predict_x0_inverts_add_noise_given_the_true_target(denoiser):
     z0, noise = torch.randn(4, LATENT_CHANNELS, 4, 4), torch.randn(4, LATENT_CHANNELS, 4, 4)
     t = torch.tensor([0, 100, 500, 999])
-    z_t = denoiser.add_noise(z0, noise, t)
-    x0 = denoiser.predict_x0(z_t, t, denoiser.training_target(z0, noise, t))
+    z_t = denoiser.schedule.add_noise(z0, noise, t)
+    x0 = denoiser.schedule.predict_x0(z_t, t, denoiser.schedule.training_target(z0, noise, t))
     assert torch.allclose(x0, z0, atol=1e-4)
-    wrong = denoiser.predict_x0(z_t, t, torch.zeros_like(noise))
+    wrong = denoiser.schedule.predict_x0(z_t, t, torch.zeros_like(noise))
     assert not torch.allclose(wrong, z0, atol=1e-2)
 
 
@@ -107,8 +107,8 @@ def test_x0_hat_tracks_the_photo_at_small_t(denoiser):
     x = images(1, 64, seed=2).requires_grad_(True)
     z0 = denoiser.encode(x)
     t = torch.tensor([5])
-    z_t = denoiser.add_noise(z0, torch.randn_like(z0), t)
-    x0_hat = denoiser.decode(denoiser.predict_x0(z_t, t, denoiser.predict(z_t, t, denoiser.encode_prompt([PROMPT]))))
+    z_t = denoiser.schedule.add_noise(z0, torch.randn_like(z0), t)
+    x0_hat = denoiser.decode(denoiser.schedule.predict_x0(z_t, t, denoiser.predict(z_t, t, denoiser.encode_prompt([PROMPT]))))
     assert (x0_hat - x).abs().mean() < 0.05
     (grad,) = torch.autograd.grad(x0_hat.sum(), x)
     assert grad.abs().sum() > 0
@@ -121,7 +121,7 @@ def test_only_the_lora_trains_and_starts_as_a_no_op(denoiser):
         id(p) for p in denoiser.unet.parameters() if p.requires_grad}
     assert not any(p.requires_grad for p in denoiser.prompt_encoder.parameters())
     assert not denoiser.unet.training
-    base = build_tiny(denoiser.prediction_type).unet.eval()
+    base = build_tiny(denoiser.schedule.prediction_type).unet.eval()
     z, t = torch.randn(1, LATENT_CHANNELS, 8, 8), torch.tensor([50])
     cond = denoiser.encode_prompt([PROMPT])
     with torch.no_grad():
@@ -203,12 +203,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_autocast_is_a_no_op_on_cpu():
+def test_bf16_is_honoured_on_cpu_with_a_float32_lora():
     d = load_denoiser("tiny", CONFIG.replace(mixed_precision="bf16"))
-    with d.autocast():
-        assert not torch.is_autocast_enabled("cpu")
-        assert d.predict(torch.randn(1, LATENT_CHANNELS, 8, 8), torch.tensor([1]),
-                         d.encode_prompt([PROMPT])).dtype == torch.float32
+    assert d.compute_dtype == torch.bfloat16
+    frozen = [p for n, p in d.unet.named_parameters() if ".lora_" not in n]
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in d.trainable_parameters())
+    out = d.predict(torch.randn(1, LATENT_CHANNELS, 8, 8), torch.tensor([1]), d.encode_prompt([PROMPT]))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    train_steps(d, steps=1)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in d.trainable_parameters())
 
 
 def test_a_non_diffusion_safetensors_base_is_refused_by_name(tmp_path):
@@ -273,14 +277,14 @@ def write_random_sd_folder(root, prediction_type: str = "epsilon") -> None:
 def test_a_diffusers_folder_loads_and_trains(tmp_path, prediction_type):
     write_random_sd_folder(tmp_path, prediction_type)
     d = load_denoiser(str(tmp_path), CONFIG)
-    assert isinstance(d, Denoiser) and d.prediction_type == prediction_type
+    assert isinstance(d, Denoiser) and d.schedule.prediction_type == prediction_type
     x = images(1, 64).requires_grad_(True)
     z0 = d.encode(x)
     assert z0.shape == (1, 4, 8, 8)
     cond = d.encode_prompt([PROMPT, "a photo of person"])
     assert cond.shape == (2, 77, 32) and not torch.allclose(cond[0], cond[1])
     t = torch.tensor([20])
-    x0_hat = d.decode(d.predict_x0(d.add_noise(z0, torch.randn_like(z0), t), t, d.predict(z0, t, cond[:1])))
+    x0_hat = d.decode(d.schedule.predict_x0(d.schedule.add_noise(z0, torch.randn_like(z0), t), t, d.predict(z0, t, cond[:1])))
     assert x0_hat.shape == x.shape
     (grad,) = torch.autograd.grad(x0_hat.sum(), x)
     assert grad.abs().sum() > 0
@@ -349,12 +353,12 @@ def test_a_single_file_sd15_checkpoint_loads_offline_and_comfyui_maps_its_lora_k
         "block_out_channels": [320], "down_block_types": ["CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D"], "cross_attention_dim": 768, "attention_head_dim": 8})
     d = load_denoiser(str(checkpoint), CONFIG, config_dir=str(tmp_path))
-    assert d.base_model_version == "sd_v1" and d.prediction_type == "epsilon"
+    assert d.base_model_version == "sd_v1" and d.schedule.prediction_type == "epsilon"
     z0 = d.encode(images(1, 64))
     cond = d.encode_prompt([PROMPT])
     assert z0.shape == (1, 4, 8, 8) and cond.shape == (1, 77, 768)
     t = torch.tensor([10])
-    assert torch.isfinite(d.predict(d.add_noise(z0, torch.randn_like(z0), t), t, cond)).all()
+    assert torch.isfinite(d.predict(d.schedule.add_noise(z0, torch.randn_like(z0), t), t, cond)).all()
     stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in d.lora_state_dict()}
     assert len(stems) == 4 * 2 * 4  # transformer blocks (1 down, 1 mid, 2 up) x attn1/attn2 x q,k,v,out
     comfy = subprocess.run([comfyui_python(), "-c", _COMFY_LORA_KEYS, str(checkpoint)], cwd=root,

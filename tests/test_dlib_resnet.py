@@ -383,7 +383,8 @@ def test_stage2_pgd_with_dlib_as_only_surrogate_lowers_its_similarity(real_faces
     x = photos.clone()
     for _ in range(12):
         x.requires_grad_(True)
-        x = signed_step(x, similarity(x, 0).sum(), photos, alpha=0.008, eta=0.08)
+        (grad,) = torch.autograd.grad(similarity(x, 0).sum(), x)
+        x = signed_step(x, grad, photos, alpha=0.008, eta=0.08)
     after = [similarity(x, m).detach() for m in range(len(recognizers))]
     print("\n" + "; ".join(f"{r.name}: {b.mean():.3f} -> {a.mean():.3f}" for r, b, a in zip(recognizers, before, after)))
     assert (x - photos).abs().max() <= 0.08 + 1e-6

@@ -33,8 +33,8 @@ def recorded_steps(monkeypatch):
     """Every PGD step's input and output X', in order."""
     steps = []
 
-    def recording(x, loss, x_orig, alpha, eta):
-        out = signed_step(x, loss, x_orig, alpha, eta)
+    def recording(x, grad, x_orig, alpha, eta):
+        out = signed_step(x, grad, x_orig, alpha, eta)
         steps.append((x.detach().clone(), out.clone()))
         return out
 
@@ -66,7 +66,8 @@ def test_projection_clips_to_ball_and_range():
 def test_signed_step_descends_the_loss():
     x = torch.rand(2, 3, 8, 8, requires_grad=True)
     weights = torch.randn(2, 3, 8, 8)
-    out = signed_step(x, (x * weights).sum(), x.detach(), alpha=0.01, eta=1.0)
+    (grad,) = torch.autograd.grad((x * weights).sum(), x)
+    out = signed_step(x, grad, x.detach(), alpha=0.01, eta=1.0)
     moved = out - x.detach()
     inside = (x.detach() > 0.01) & (x.detach() < 0.99)  # away from the [0,1] clamp
     assert torch.allclose(moved[inside], -0.01 * weights.sign()[inside], atol=1e-6)

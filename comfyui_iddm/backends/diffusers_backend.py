@@ -7,7 +7,6 @@ or a single-file SD1.x/SD2.x checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -19,10 +18,11 @@ from torch import Tensor
 
 from .. import lora_io
 from ..config import IDDMConfig
+from ..diffusion import PREDICTION_TYPES, NoiseSchedule
+from ..precision import compute_dtype, precision_autocast
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTER = "default"
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
@@ -71,7 +71,12 @@ class CLIPPromptEncoder:
 
 
 class DiffusersDenoiser:
-    """Implements comfyui_iddm.ports.Denoiser."""
+    """Implements comfyui_iddm.ports.Denoiser.
+
+    Precision: the frozen UNet and text encoder are stored in the compute dtype (half the memory
+    in bf16/fp16), the VAE too except under fp16 (SD's VAE overflows in fp16, as diffusers' training
+    examples note: it stays fp32); every forward pass runs under autocast and returns float32. The
+    LoRA weights (and so the optimizer state) stay float32."""
 
     def __init__(self, unet: UNet2DConditionModel, codec: ImageCodec,
                  prompt_encoder: Callable[[Sequence[str]], Tensor], scheduler: DDPMScheduler,
@@ -80,102 +85,93 @@ class DiffusersDenoiser:
         self.device = torch.device(device)
         self.config = config
         self.base_model_version = base_model_version
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ModelLoadError(f"the model's scheduler predicts {self.prediction_type!r}; IDDM supports "
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(f"the model's scheduler predicts {prediction_type!r}; IDDM supports "
                                  f"{PREDICTION_TYPES}.")
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.schedule = NoiseSchedule(scheduler.alphas_cumprod.to(self.device, torch.float32), prediction_type)
+        self.compute_dtype = compute_dtype(config.mixed_precision, self.device)
+        vae_dtype = torch.float32 if self.compute_dtype == torch.float16 else self.compute_dtype
         self.codec, self.prompt_encoder = codec, prompt_encoder
-        for module in (codec, getattr(codec, "vae", None), getattr(prompt_encoder, "text_encoder", None),
-                       prompt_encoder):
+        for module, dtype in ((codec, vae_dtype), (getattr(codec, "vae", None), vae_dtype),
+                              (getattr(prompt_encoder, "text_encoder", None), self.compute_dtype),
+                              (prompt_encoder, None)):
             if isinstance(module, torch.nn.Module):
-                module.requires_grad_(False).eval().to(self.device)
-        self.unet = self._with_lora(unet, config).to(self.device)
+                torch.nn.Module.to(module.requires_grad_(False).eval(), self.device, dtype)
+        # nn.Module.to: diffusers' own .to() warns about casting even when nothing must stay float32
+        self.unet = self._with_lora(torch.nn.Module.to(unet, self.device, self.compute_dtype), config)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.lora_modules = {name: m for name, m in self.unet.named_modules() if isinstance(m, LoraLayer)}
+            if hasattr(getattr(codec, "vae", None), "enable_gradient_checkpointing"):
+                codec.vae.enable_gradient_checkpointing()
 
     @staticmethod
     def _with_lora(unet: UNet2DConditionModel, config: IDDMConfig) -> UNet2DConditionModel:
-        """Freeze the UNet, add the LoRA with a seeded init (same seed, same LoRA), keep eval mode
-        (no dropout) for determinism."""
+        """Freeze the UNet, add a float32 LoRA with the one seeded initialisation both doors use
+        (lora_io.kaiming_uniform_down; up = 0), keep eval mode (no dropout) for determinism."""
         unet.requires_grad_(False)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha,
-                                        init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha,
+                                    target_modules=LORA_TARGETS))
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            for module in lora_modules(unet).values():
+                down, up = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
+                down.weight.data = lora_io.kaiming_uniform_down(
+                    config.rank, down.in_features, generator).to(down.weight.device)
+                up.weight.data = torch.zeros_like(up.weight, dtype=torch.float32)
         return unet.eval()
 
     # --- the Denoiser port ------------------------------------------------------------------
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
-        return self.prompt_encoder(list(prompts)).to(self.device, torch.float32)
+        with self._autocast():
+            return self.prompt_encoder(list(prompts)).to(self.device, torch.float32)
 
     def encode(self, images: Tensor) -> Tensor:
         factor = self.codec.downscale
         if images.shape[-1] % factor or images.shape[-2] % factor:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {factor}; "
                              f"crop or resize the photos to a multiple of {factor} (e.g. --resolution 256).")
-        return self.codec.encode(images.to(self.device))
+        with self._autocast():
+            return self.codec.encode(images.to(self.device)).float()
 
     def decode(self, latents: Tensor) -> Tensor:
-        return self.codec.decode(latents)
-
-    def add_noise(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        a, s = self._coefficients(t, z0)
-        return a * z0 + s * noise
+        with self._autocast():
+            return self.codec.decode(latents).float()
 
     def predict(self, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         if cond.shape[0] != z_t.shape[0]:
             cond = cond.expand(z_t.shape[0], *cond.shape[1:])
-        out = self.unet(z_t, t.to(self.device), encoder_hidden_states=cond).sample
-        return out.to(z_t.dtype)
-
-    def training_target(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        a, s = self._coefficients(t, z0)
-        return a * noise - s * z0
-
-    def predict_x0(self, z_t: Tensor, t: Tensor, model_output: Tensor) -> Tensor:
-        a, s = self._coefficients(t, z_t)
-        if self.prediction_type == "epsilon":
-            return (z_t - s * model_output) / a
-        return a * z_t - s * model_output
+        with self._autocast():
+            return self.unet(z_t, t.to(self.device), encoder_hidden_states=cond).sample.float()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for name, p in self.unet.named_parameters() if ".lora_" in name]
 
     def lora_state_dict(self) -> dict[str, Tensor]:
-        peft_state = {}
-        for path, module in self.lora_modules.items():
-            peft_state[path + lora_io.PEFT_A] = module.lora_A[ADAPTER].weight.detach().cpu().clone()
-            peft_state[path + lora_io.PEFT_B] = module.lora_B[ADAPTER].weight.detach().cpu().clone()
-        return lora_io.peft_to_kohya(peft_state, self.config.lora_alpha)
+        state = {}
+        for path, module in lora_modules(self.unet).items():
+            name = lora_io.kohya_name(path)
+            state[name + lora_io.DOWN] = module.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32).clone()
+            state[name + lora_io.UP] = module.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32).clone()
+            state[name + lora_io.ALPHA] = torch.tensor(float(self.config.lora_alpha))
+        return state
 
     @torch.no_grad()
     def load_lora_state_dict(self, state: dict[str, Tensor]) -> None:
-        peft_state = lora_io.kohya_to_peft(state, self.lora_modules, self.config.lora_alpha)
-        for path, module in self.lora_modules.items():
-            for key, target in ((path + lora_io.PEFT_A, module.lora_A[ADAPTER].weight),
-                                (path + lora_io.PEFT_B, module.lora_B[ADAPTER].weight)):
-                if peft_state[key].shape != target.shape:
-                    raise ValueError(f"LoRA weight for {path} has shape {tuple(peft_state[key].shape)}, "
-                                     f"this model expects {tuple(target.shape)}; set rank to the "
-                                     "file's rank (ss_network_dim in its metadata).")
-                target.copy_(peft_state[key])
+        modules = {lora_io.kohya_name(path): m for path, m in lora_modules(self.unet).items()}
+        matched = lora_io.match_lora(state, {name: (m.lora_A[ADAPTER].weight.shape, m.lora_B[ADAPTER].weight.shape)
+                                             for name, m in modules.items()}, self.config.lora_alpha)
+        for name, (down, up) in matched.items():
+            modules[name].lora_A[ADAPTER].weight.copy_(down)
+            modules[name].lora_B[ADAPTER].weight.copy_(up)
 
-    def autocast(self):
-        if self.config.mixed_precision == "no" or self.device.type == "cpu":
-            return contextlib.nullcontext()
-        dtype = torch.float16 if self.config.mixed_precision == "fp16" else torch.bfloat16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+    def _autocast(self):
+        return precision_autocast(self.device, self.compute_dtype)
 
-    def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over `like`."""
-        alpha_bar = self.alphas_cumprod[t.to(self.device)].to(like.dtype)
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        return alpha_bar.sqrt().view(shape), (1 - alpha_bar).sqrt().view(shape)
+
+def lora_modules(unet: UNet2DConditionModel) -> dict[str, LoraLayer]:
+    """The UNet's LoRA layers by diffusers module path, in module order."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, LoraLayer)}
 
 
 # --- loading ------------------------------------------------------------------------------------
