@@ -163,9 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"iddm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except torch_out_of_memory() as err:
-        print(f"iddm {args.command}: error: out of memory ({str(err).splitlines()[0]}); lower "
-              "--resolution or --batch-size, or on a GPU use --mixed-precision bf16 and "
-              "--gradient-checkpointing.", file=sys.stderr)
+        print(f"iddm {args.command}: error: out of memory ({str(err).splitlines()[0]}); use "
+              "--gradient-checkpointing and --pgd-batch 1, on a GPU --mixed-precision auto (bf16 or "
+              "fp16), or lower --resolution or --batch-size. README: settings per GPU memory.",
+              file=sys.stderr)
         return 1
 
 

@@ -1,5 +1,5 @@
-"""How many photos go through one PGD forward/backward (`pgd_batch`), and what happens when a GPU
-runs out of memory.
+"""How many photos go through one PGD forward/backward (`pgd_batch`), when gradient checkpointing is
+needed, and what happens when a GPU runs out of memory.
 
 On a CPU, `auto` (0) takes every photo at once. On CUDA, `auto` measures instead of guessing: the
 first step runs one photo at a time, and the peak memory it added per photo sets the chunk for the
@@ -16,8 +16,22 @@ import torch
 
 T = TypeVar("T")
 FREE_MEMORY_SHARE = 0.8
+# At or below this much GPU memory, gradient checkpointing is on whatever the setting says: SD 1.5 at
+# 512 px without it needs more than such a card has (benchmarks/bench_real_size.py; README's table).
+CHECKPOINTING_CARD_GIB = 12.5
 
 log = logging.getLogger("comfyui_iddm")
+
+
+def use_gradient_checkpointing(requested: bool, device: torch.device) -> bool:
+    """The setting, turned on by itself on GPUs of CHECKPOINTING_CARD_GIB or less."""
+    if requested or device.type != "cuda":
+        return requested
+    total = torch.cuda.get_device_properties(device).total_memory
+    if total <= CHECKPOINTING_CARD_GIB * 2**30:
+        log.info(f"[IDDM] {total / 2**30:.0f} GiB GPU: gradient checkpointing on (needed to fit)")
+        return True
+    return False
 
 
 class PhotoChunks:

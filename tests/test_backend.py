@@ -365,3 +365,23 @@ def test_a_single_file_sd15_checkpoint_loads_offline_and_comfyui_maps_its_lora_k
                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
     assert comfy.returncode == 0, comfy.stderr[-3000:]
     assert stems <= set(json.loads(comfy.stdout.strip().splitlines()[-1]))
+
+
+def test_both_doors_start_their_lora_from_the_one_kohya_initialisation():
+    """The CLI door (peft) and the ComfyUI door (weight wrappers) draw lora_down from the same
+    function and seed, and start lora_up at zero: the same lr trains the same way in both."""
+    import pack_nodes
+    from comfyui_iddm.backends.diffusers_backend import lora_modules
+    from comfyui_iddm.lora_io import kaiming_uniform_down
+
+    comfy_door = pack_nodes.load("comfy_denoiser")
+    adapter = comfy_door.LoRAWeight(torch.zeros(320, 768), 4, 4.0, torch.Generator().manual_seed(5))
+    assert torch.equal(adapter.down.detach(), kaiming_uniform_down(4, 768, torch.Generator().manual_seed(5)))
+    assert adapter.down.dtype == adapter.up.dtype == torch.float32 and not adapter.up.any()
+
+    d = load_denoiser("tiny", CONFIG)
+    generator = torch.Generator().manual_seed(CONFIG.seed)
+    for module in lora_modules(d.unet).values():
+        down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+        assert torch.equal(down, kaiming_uniform_down(CONFIG.rank, down.shape[1], generator))
+        assert down.dtype == up.dtype == torch.float32 and not up.any()

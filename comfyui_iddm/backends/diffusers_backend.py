@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import lora_io
 from ..config import IDDMConfig
 from ..diffusion import PREDICTION_TYPES, NoiseSchedule
+from ..memory import use_gradient_checkpointing
 from ..precision import compute_dtype, precision_autocast
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -100,7 +101,7 @@ class DiffusersDenoiser:
                 torch.nn.Module.to(module.requires_grad_(False).eval(), self.device, dtype)
         # nn.Module.to: diffusers' own .to() warns about casting even when nothing must stay float32
         self.unet = self._with_lora(torch.nn.Module.to(unet, self.device, self.compute_dtype), config)
-        if config.gradient_checkpointing:
+        if use_gradient_checkpointing(config.gradient_checkpointing, self.device):
             self.unet.enable_gradient_checkpointing()
             if hasattr(getattr(codec, "vae", None), "enable_gradient_checkpointing"):
                 codec.vae.enable_gradient_checkpointing()
