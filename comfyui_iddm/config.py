@@ -54,17 +54,33 @@ KNOBS: dict[str, Knob] = {
                              "0-200 of 1000).", 0, 999),
     "instance_prompt": Knob("Prompt that names the person during personalization."),
     "class_prompt": Knob("Prompt of the class images for prior preservation."),
-    "recognizers": Knob("Surrogate face recognizers Stage II pushes the identity away in "
-                        "('auto' = every one whose weights are present)."),
+    "recognizers": Knob("Surrogate face recognizers Stage II pushes the identity away in. 'auto' = "
+                        "the paper's ensemble (irse50, ir152, mobilefacenet, facenet) as far as their "
+                        "weights are present, else dlib_resnet; never arcface (the paper's evaluator). "
+                        "'auto,NAME' adds NAME to auto's choice; 'none' only without Stage II."),
     "mixed_precision": Knob("Compute dtype of the diffusion model: 'auto' (bf16 where the device has it, "
                             "fp16 with loss scaling on older GPUs, float32 on a CPU unless the weights "
                             "are stored in half precision), 'no' (float32), 'fp16' or 'bf16'. LoRA "
                             "weights and optimizer state are always float32."),
     "gradient_checkpointing": Knob("Recompute UNet and VAE activations in backward instead of keeping "
                                    "them: much less memory, ~30% more time (on for cards up to 12 GB)."),
+    "pixel_range": Knob("Pixel scale eta and pgd_alpha are given in: '-1,1' (the paper's, after "
+                        "Anti-DreamBooth, whose code perturbs images normalised to [-1,1]: eta 0.08 is "
+                        "0.04 of the [0,1] range, about 10 of 255) or '0,1' (twice the change)."),
+    "face_mask": Knob("Limit the photo changes to the face region the recognizers look at (from the "
+                      "landmarks, feathered): the background stays untouched."),
+    "target_similarity": Knob("Stop pushing a photo in Stage II once its ensemble similarity S is at or "
+                              "below this (-1 = never stop): no more change than the target needs.", -1.0, 1.0),
+    "step_decay": Knob("Shrink the PGD step over the iterations (cosine from pgd_alpha towards 0): "
+                       "late iterations refine instead of adding full-size steps."),
     "pgd_batch": Knob("Photos per PGD forward/backward (0 = auto: from free memory on a GPU, all photos "
                       "on a CPU). Exact: the same X' as all at once, up to float rounding.", 0, 256),
 }
+
+# The factor from each pixel scale to [0,1] units: a change of 0.08 in [-1,1] is 0.04 in [0,1].
+PIXEL_RANGES = {"-1,1": 0.5, "0,1": 1.0}
+LEGACY_PIXEL_RANGE = "0,1"  # reports and LoRAs written before the scale was recorded
+PAPER_PIXEL_RANGE = "-1,1"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "privacy": {"rho": 0.1},
@@ -98,6 +114,10 @@ class IDDMConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     pgd_batch: int = 0
+    pixel_range: str = PAPER_PIXEL_RANGE
+    face_mask: bool = False
+    target_similarity: float = -1.0
+    step_decay: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.recognizers, str):
@@ -109,6 +129,12 @@ class IDDMConfig:
         else:
             object.__setattr__(self, "stage2_timesteps", tuple(self.stage2_timesteps))
         self.validate()
+
+    @property
+    def budget(self) -> tuple[float, float]:
+        """(eta, pgd_alpha) in [0,1] pixel units, whatever pixel_range they are given in."""
+        scale = PIXEL_RANGES[self.pixel_range]
+        return self.eta * scale, self.pgd_alpha * scale
 
     @property
     def stage1_steps(self) -> int:
@@ -131,6 +157,15 @@ class IDDMConfig:
         if not self.recognizers or any(not r for r in self.recognizers):
             raise ConfigError("recognizers is empty; give 'auto' or a comma-separated list such as "
                               "'mobilefacenet,dlib_resnet'.")
+        if "none" in self.recognizers and len(self.recognizers) > 1:
+            raise ConfigError(f"recognizers={','.join(self.recognizers)!r} mixes 'none' with names; "
+                              "give 'none' alone or a list of recognizers.")
+        if self.recognizers == ("none",) and self.pgd_steps > self.stage1_steps:
+            raise ConfigError(f"recognizers='none' leaves Stage II ({self.pgd_steps - self.stage1_steps} "
+                              "step(s) per iteration) without a face recognizer; give 'auto' or names, "
+                              "or set rho=1 or pgd_steps=0 (no identity push).")
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ConfigError(f"pixel_range={self.pixel_range!r} is not one of {PIXEL_RANGES}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}.")
         if not self.instance_prompt.strip():
@@ -151,7 +186,8 @@ class IDDMConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(names)}.")
-        return cls(**dict(values))
+        # Settings saved before the pixel scale was recorded meant eta in [0,1] units.
+        return cls(**{"pixel_range": LEGACY_PIXEL_RANGE, **values})
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "IDDMConfig":

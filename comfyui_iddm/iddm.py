@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .config import IDDMConfig
+from .faces.region import face_region
 from .losses import NoiseDraw, denoised_prediction, draw_noise, identity_loss, reconstruction_loss
 from .memory import PhotoChunks
 from .personalize import PriorPreservation, fine_tune
@@ -151,6 +153,7 @@ def decouple_photos(denoiser: Denoiser, scorer: IdentityScorer | None, x_prime: 
     stage1_steps = config.stage1_steps
     stage2_steps = config.pgd_steps - stage1_steps
     loss_scale = loss_scale_for(denoiser.compute_dtype)
+    eta, alpha = photo_budget(config, landmarks, x_orig.shape[-2:], k)
     with frozen(denoiser.trainable_parameters()):
         for t in range(1, config.pgd_steps + 1):
             stage1 = t <= stage1_steps
@@ -159,31 +162,53 @@ def decouple_photos(denoiser: Denoiser, scorer: IdentityScorer | None, x_prime: 
                           stage2_loss(denoiser, scorer, cond, draw, landmarks))
             gradient = chunks.run(lambda size: photo_gradient(chunk_loss, x_prime, size, loss_scale))
             record.pgd_zero_grad.append(gradient.zero_fraction)
+            grad = gradient.grad
             if stage1:
                 record.stage1_loss.append(gradient.loss)
                 step_counter.step(k, "stage1", t, stage1_steps, gradient.loss)
             else:
                 record.stage2_score.append(gradient.loss - 1.0)  # L_id = 1 + S
                 step_counter.step(k, "stage2", t - stage1_steps, stage2_steps, record.stage2_score[-1])
+                reached = gradient.per_photo <= config.target_similarity  # photos private enough: leave them
+                grad = grad * (~reached).to(grad.dtype).view(-1, 1, 1, 1)
             # One memory layout for X' always: the step's output inherits the gradient's layout, and a
             # resumed run (X' read from disk) must compute bit-identically to an uninterrupted one.
-            x_prime = signed_step(x_prime, gradient.grad, x_orig, config.pgd_alpha, config.eta).contiguous()
+            x_prime = signed_step(x_prime, grad, x_orig, alpha, eta).contiguous()
     return x_prime
 
 
+def photo_budget(config: IDDMConfig, landmarks: Tensor, size: tuple[int, int],
+                 k: int) -> tuple[float | Tensor, float | Tensor]:
+    """eta and alpha of iteration k in [0,1] pixel units: per pixel (0 off the face) with face_mask,
+    alpha shrinking over the iterations (cosine) with step_decay."""
+    eta, alpha = config.budget
+    if config.step_decay:
+        alpha *= 0.5 * (1 + math.cos(math.pi * (k - 1) / config.iterations))
+    if not config.face_mask:
+        return eta, alpha
+    region = face_region(landmarks, *size)
+    return eta * region, alpha * region
+
+
 def stage1_loss(denoiser: Denoiser, cond: Tensor, draw: NoiseDraw):
-    """Stage I's L_rec (eq. 8) for a chunk of the photos: its share of the batch mean."""
+    """Stage I's L_rec (eq. 8) for a chunk of the photos: its share of the batch mean, and each
+    photo's own L_rec."""
     total = draw.noise.numel()
-    return lambda x, rows: reconstruction_loss(denoiser, denoiser.encode(x), cond, draw[rows], "sum") / total
+
+    def loss(x: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        errors = reconstruction_loss(denoiser, denoiser.encode(x), cond, draw[rows], "none")
+        return errors.sum() / total, errors.detach().flatten(1).mean(1)
+    return loss
 
 
 def stage2_loss(denoiser: Denoiser, scorer: IdentityScorer, cond: Tensor, draw: NoiseDraw, landmarks: Tensor):
-    """Stage II's L_id (eq. 13) on x0_hat for a chunk of the photos: its share of the batch mean."""
+    """Stage II's L_id (eq. 13) on x0_hat for a chunk of the photos: its share of the batch mean, and
+    each photo's S."""
     photos = draw.t.shape[0]
 
-    def loss(x: Tensor, rows: slice) -> Tensor:
+    def loss(x: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
         x0_hat = denoised_prediction(denoiser, denoiser.encode(x), cond, draw[rows])
-        return identity_loss(scorer, x0_hat, landmarks[rows], batch_size=photos)[0]
+        return identity_loss(scorer, x0_hat, landmarks[rows], batch_size=photos)
     return loss
 
 

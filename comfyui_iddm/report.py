@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import atomic
-from .config import KNOBS
+from .config import KNOBS, LEGACY_PIXEL_RANGE, PAPER_PIXEL_RANGE, PIXEL_RANGES
 
 # Paper Table 5: eta -> (PSNR dB, SSIM) of the protected photos X' against the originals.
 PAPER_TABLE5: dict[float, tuple[float, float]] = {0.05: (35.1, 0.90), 0.08: (32.8, 0.84),
@@ -28,6 +28,16 @@ HTML_NAME = "report.html"
 PLOT_NAMES = ("plot_iterations.png", "plot_identity.png", "plot_quality.png")
 STRIP_ROWS = 4  # photos shown in the strip; enough to judge, small enough to keep the page light
 ROLE_COLOURS = {"surrogate": "#c0392b", "held-out": "#2471a3"}
+
+
+def check_html_output(out_dir: Path, overwrite: bool) -> None:
+    """Before any work: the page and its plots can be written into out_dir, and replace files
+    there only with overwrite."""
+    out_dir = Path(out_dir)
+    atomic.check_output_folder(out_dir, "the report page")
+    for name in (HTML_NAME, *PLOT_NAMES):
+        if (out_dir / name).exists():
+            atomic.check_writable(out_dir / name, overwrite)
 
 
 def write_report_html(report: dict[str, Any], out_dir: Path,
@@ -127,9 +137,23 @@ def identity_plot(identity: Sequence[dict[str, Any]]) -> bytes | None:
     return _figure_png(fig)
 
 
+def pixel_scale(config: dict[str, Any]) -> tuple[str, float]:
+    """The scale eta and alpha were given in, and its factor to [0,1] units; reports written before
+    the scale was recorded used [0,1]."""
+    name = config.get("pixel_range", LEGACY_PIXEL_RANGE)
+    return name, PIXEL_RANGES[name]
+
+
+def paper_eta(config: dict[str, Any]) -> float | None:
+    """This run's eta in the paper's scale ([-1,1]), where Table 5 is."""
+    if config.get("eta") is None:
+        return None
+    return config["eta"] * pixel_scale(config)[1] / PIXEL_RANGES[PAPER_PIXEL_RANGE]
+
+
 def quality_plot(report: dict[str, Any]) -> bytes | None:
     """This run's PSNR/SSIM at its eta on the paper's Table 5 curve."""
-    decoupled, eta = report.get("decoupled"), report.get("config", {}).get("eta")
+    decoupled, eta = report.get("decoupled"), paper_eta(report.get("config", {}))
     if not decoupled or eta is None:
         return None
     import matplotlib.pyplot as plt
@@ -139,7 +163,7 @@ def quality_plot(report: dict[str, Any]) -> bytes | None:
         ax.plot(etas, [PAPER_TABLE5[e][index] for e in etas], "s--", color="#7f8c8d",
                 label="paper, Table 5 (SD 2.1, 512 px)")
         ax.plot([eta], [decoupled[key]], "o", color="#c0392b", markersize=8, label="this run")
-        ax.set_xlabel("eta (L-inf budget)", fontsize=8)
+        ax.set_xlabel("eta (L-inf budget, [-1,1] pixel scale as in the paper)", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
@@ -193,8 +217,10 @@ def headline(report: dict[str, Any]) -> list[str]:
     lines = []
     d = report.get("decoupled")
     if d:
+        scale, factor = pixel_scale(report["config"])
         lines.append(f"X' vs X0: PSNR {d['psnr']:.1f} dB, SSIM {d['ssim']:.3f}, largest pixel change "
-                     f"{d['linf']:.3f} (eta {report['config']['eta']:g}).")
+                     f"{d['linf']:.3f} of the [0,1] range (eta {report['config']['eta']:g} in the [{scale}] "
+                     f"scale = {report['config']['eta'] * factor:.3f}).")
     for row in report.get("identity", []):
         change = row["after"] - row["before"]
         control = f"; the same change shuffled: {row['control']:.3f}" if "control" in row else ""
@@ -267,19 +293,21 @@ def _quality_section(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     d = report.get("decoupled")
     if not d:
         return ""
-    eta = report.get("config", {}).get("eta")
+    config = report.get("config", {})
+    eta, (scale, factor) = paper_eta(config), pixel_scale(config)
     rows = [(f"{e:g}", f"{p:.1f}", f"{s:.2f}", "paper, Table 5") for e, (p, s) in sorted(PAPER_TABLE5.items())]
     rows.append((f"{eta:g}", f"{d['psnr']:.1f}", f"{d['ssim']:.3f}", "this run"))
     rows.sort(key=lambda r: (float(r[0]), r[3] == "this run"))
     classes = ["this" if r[3] == "this run" else "" for r in rows]
-    config = report.get("config", {})
     stage2_steps = config.get("pgd_steps", 0) - int(config.get("rho", 0) * config.get("pgd_steps", 0) + 1e-9)
-    travel = config.get("iterations", 0) * stage2_steps * config.get("pgd_alpha", 0)
+    travel = config.get("iterations", 0) * stage2_steps * config.get("pgd_alpha", 0) * factor
     text = ("<h2>How visible is the change?</h2><p>PSNR and SSIM of X' against X0, beside the paper's "
-            f"Table 5 (SD 2.1 at 512 px). No pixel moved more than {d['linf']:.3f} (budget eta = {eta:g}). "
+            f"Table 5 (SD 2.1 at 512 px; eta in the [-1,1] pixel scale of the paper's lineage). This run's "
+            f"eta {config.get('eta', 0):g} is in the [{scale}] scale: at most {config.get('eta', 0) * factor:.3f} "
+            f"of the [0,1] range; no pixel moved more than {d['linf']:.3f}. "
             f"The identity steps could move a pixel up to K × Stage II steps × alpha = {travel:.2f} in "
-            "total; when that is well above eta, most pixels end at the edge of the budget and PSNR "
-            "falls below the paper's (fewer steps or a smaller alpha: higher PSNR, less privacy).</p>")
+            "total; when that is well above the budget, most pixels end at its edge and PSNR "
+            "falls (fewer steps, a smaller alpha or face_mask: higher PSNR).</p>")
     plot = _img(plots["plot_quality.png"], "PSNR and SSIM against the paper") if "plot_quality.png" in plots else ""
     return text + "<div class='row'>" + html_table(["eta", "PSNR (dB)", "SSIM", "source"], rows, classes) + plot + "</div>"
 

@@ -45,13 +45,15 @@ def recorded_steps(monkeypatch):
 def test_every_step_stays_in_the_eta_ball_around_the_original_photos_and_in_0_1(recorded_steps):
     # alpha > eta / 2: two steps can leave the ball, so the projection must act; several iterations,
     # so a ball re-centred on each iteration's X0 would drift beyond eta.
-    config = tiny_config(iterations=3, pgd_steps=4, rho=0.5, eta=0.03, pgd_alpha=0.02, ft_steps=1)
+    config = tiny_config(iterations=3, pgd_steps=4, rho=0.5, eta=0.06, pgd_alpha=0.04, ft_steps=1)
+    eta = config.budget[0]  # eta 0.06 in the paper's [-1,1] units is 0.03 of the [0,1] range
+    assert eta == pytest.approx(0.03)
     _, result = run(config)
     assert len(recorded_steps) == 3 * 4
     for _, x in recorded_steps:
-        assert float((x - PROTECTION).abs().max()) <= config.eta + 1e-6
+        assert float((x - PROTECTION).abs().max()) <= eta + 1e-6
         assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
-    assert float((result.decoupled - PROTECTION).abs().max()) == pytest.approx(config.eta, abs=1e-6)
+    assert float((result.decoupled - PROTECTION).abs().max()) == pytest.approx(eta, abs=1e-6)
     # X0 <- X': iteration k+1 starts where iteration k ended.
     for k in (1, 2):
         assert torch.equal(recorded_steps[4 * k][0], recorded_steps[4 * k - 1][1])

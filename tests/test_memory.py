@@ -25,12 +25,14 @@ def test_photo_gradient_in_chunks_equals_one_pass():
     x = torch.rand(5, 3, 8, 8)
 
     def chunk_loss(rows_x, rows):  # each photo's loss depends on that photo only
-        return (torch.tanh(rows_x * weights[rows]) ** 2).sum() / x.shape[0]
+        per_photo = (torch.tanh(rows_x * weights[rows]) ** 2).flatten(1).sum(1)
+        return per_photo.sum() / x.shape[0], per_photo
 
     whole = photo_gradient(chunk_loss, x, chunk=5)
     for chunk in (1, 2, 3):
         part = photo_gradient(chunk_loss, x, chunk=chunk)
         assert torch.allclose(part.grad, whole.grad, atol=1e-7) and part.loss == pytest.approx(whole.loss, rel=1e-6)
+        assert torch.allclose(part.per_photo, whole.per_photo)
 
 
 def test_loss_scaling_halves_until_the_gradient_is_finite():
@@ -39,7 +41,7 @@ def test_loss_scaling_halves_until_the_gradient_is_finite():
 
     def chunk_loss(rows_x, rows):
         calls.append(1)
-        return (rows_x * 1e35).sum()  # x 2^16 overflows float32's range in backward
+        return (rows_x * 1e35).sum(), torch.zeros(2)  # x 2^16 overflows float32's range in backward
 
     gradient = photo_gradient(chunk_loss, x, chunk=2, loss_scale=2.0 ** 16)
     assert torch.isfinite(gradient.grad).all() and len(calls) > 1
