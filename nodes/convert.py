@@ -47,7 +47,7 @@ class IddmLora:
         measured = (settings.get("figures") or {}).get("identity") or {}
         if isinstance(measured, dict) and measured.get("surrogate"):
             return tuple(measured["surrogate"])  # the recognizers 'auto' resolved to
-        return tuple(r for r in settings.get("recognizers") or () if r != "auto")
+        return tuple(r for r in settings.get("recognizers") or () if r not in ("auto", "none"))
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")

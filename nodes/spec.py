@@ -168,7 +168,8 @@ TRAIN = NodeSpec(
              "face recognizers need them); 'none' assumes face-centred crops such as IDDM Load "
              "Private Photos makes with its detector off.", "auto", options=("auto", "none")),
         Port("class_images", "IMAGE", "Optional: images of other people of the same class for "
-             "prior preservation (keeps the model from drawing everyone as this person).",
+             "prior preservation (keeps the model from drawing everyone as this person). Needs "
+             "prior_weight above 0; any size (centre-cropped to the photos' size).",
              optional=True),
         knob("class_prompt", "STRING"),
         knob("prior_weight", "FLOAT", step=0.1),

@@ -42,6 +42,8 @@ class IDDMTrain(io.ComfyNode):
         resolution = _square_side(ref, "reference", _square_side(prot, "protection"))
         config = IDDMConfig(resolution=resolution, **{k: v for k, v in knobs.items()
                                                       if k in spec.train_config_names()})
+        from comfyui_iddm.class_images import NODE_HINTS, check_prior_preservation
+        check_prior_preservation(config.prior_weight, class_images is not None, NODE_HINTS)  # before any work
         with training_mode():
             detector = load_face_detector(face_detector)
             reference_set = face_crops(ref, detector, "reference")

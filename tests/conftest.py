@@ -146,6 +146,15 @@ def synthetic_photos(count: int, size: int = 64, seed: int = 0) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def centred_set(images: Tensor):
+    """A PhotoSet of face-centred crops [N,3,S,S] with the canonical landmarks (no detector)."""
+    from comfyui_iddm.photos import PhotoSet, centred_face
+
+    side = images.shape[-1]
+    landmarks = torch.as_tensor(centred_face((side, side)).landmarks, dtype=torch.float32)
+    return PhotoSet(images, landmarks.expand(images.shape[0], 5, 2).clone(), [str(i) for i in range(len(images))])
+
+
 def tiny_config(**changes):
     """The smallest sensible run: 64 px, 1 iteration, 2 fine-tune and 4 PGD steps (rho 0.5 = 2 + 2)."""
     from comfyui_iddm.config import IDDMConfig

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_knob_flags
+    from ..cli import add_class_image_flags, add_knob_flags
 
     p = subparsers.add_parser(
         "sweep", help="train once per rho and plot the privacy-utility curve",
@@ -25,12 +25,14 @@ def add_parser(subparsers) -> None:
                    help="held-out recognizers to measure (default: every present one not attacked)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--config-dir", default=None, help="local diffusers config folder for single-file checkpoints")
+    add_class_image_flags(p)
     add_knob_flags(p)
     p.add_argument("--rho", dest="rhos", required=True, help="comma-separated rho values, e.g. 0.1,0.3,0.5")
     p.set_defaults(func=run, rho=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..class_images import ClassImagePlan
     from ..cli import ProgressBar, config_from_args
     from ..config import ConfigError, parse_list
     from ..photos import load_photo_folder, split_photos
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         rhos = [float(r) for r in parse_list(args.rhos)]
     except ValueError:
         raise ConfigError(f"--rho {args.rhos!r} is not a comma-separated list of numbers (e.g. 0.1,0.3,0.5).") from None
+    class_plan = ClassImagePlan.check(args.class_dir, args.num_class_images, config_from_args(args))
     with ProgressBar() as progress:
         if args.photos_dir is None:
             from ..demo import DEMO_CONFIG, DEMO_REFERENCE, sample_private_set
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             n_reference = args.reference or len(photos) // 2
         reference, protection = split_photos(photos, n_reference, "order", config.seed)
         sweep = run_sweep(rhos, args.out, config, reference, protection, base=args.base,
-                          weights_dir=args.weights_dir,
+                          weights_dir=args.weights_dir, class_plan=class_plan,
                           evaluators=parse_list(args.evaluators) if args.evaluators else None,
                           device=args.device, config_dir=args.config_dir, on_progress=progress.update,
                           log=progress.write)

@@ -2,7 +2,10 @@
 
 Names are shared by the CLI, the nodes and the reports: irse50, ir152, mobilefacenet, facenet,
 arcface (from an InsightFace pack), dlib_resnet (from the face-recognition-models package), and
-"auto" = every recognizer whose weights are present.
+"auto". What "auto" means depends on the role: to MEASURE (resolve_names) it is every recognizer
+whose weights are present; as Stage II's SURROGATES (resolve_surrogates) it is the paper's surrogate
+ensemble as far as its weights are present, else dlib's ResNet, and never ArcFace (the paper's
+evaluator).
 """
 from __future__ import annotations
 
@@ -162,6 +165,11 @@ RECOGNIZERS: dict[str, RecognizerSpec] = {spec.name: spec for spec in (
 )}
 
 AUTO = "auto"
+NONE = "none"  # recognizers=none: no surrogate (only valid when Stage II has no steps)
+# The paper's surrogate ensemble (IR-SE50, IR152, MobileFaceNet, FaceNet). ArcFace is its held-out
+# evaluator and is never picked automatically to be attacked.
+PAPER_SURROGATES = ("irse50", "ir152", "mobilefacenet", "facenet")
+FALLBACK_SURROGATE = "dlib_resnet"  # weights on PyPI: what auto attacks when none of the paper's is present
 
 
 def available_recognizers(weights_dir: Path | None = None) -> list[str]:
@@ -188,6 +196,25 @@ def resolve_names(names: Sequence[str], weights_dir: Path | None = None) -> list
             raise ValueError(f"unknown face recognizer {name!r}; choose from "
                              f"{', '.join(RECOGNIZERS)} or {AUTO}.")
     return list(dict.fromkeys(resolved))
+
+
+def auto_surrogates(weights_dir: Path | None = None) -> list[str]:
+    """What recognizers=auto attacks in Stage II: the paper's surrogates whose weights are present,
+    else dlib's ResNet if installed, else none. Never arcface."""
+    present = available_recognizers(weights_dir)
+    return [n for n in PAPER_SURROGATES if n in present] or [n for n in (FALLBACK_SURROGATE,) if n in present]
+
+
+def resolve_surrogates(names: Sequence[str], weights_dir: Path | None = None) -> list[str]:
+    """Stage II's surrogates from a config's `recognizers`: "auto" = auto_surrogates; "auto,NAME" =
+    their union (NAME is added, never dropped); "none" = no surrogate. Unknown names are an error;
+    an empty result is left to the caller (it matters only when Stage II has steps)."""
+    if NONE in names:
+        return []
+    expanded: list[str] = []
+    for name in names:
+        expanded += auto_surrogates(weights_dir) if name == AUTO else [name]
+    return resolve_names(expanded, weights_dir)
 
 
 def load_recognizers(names: Sequence[str], weights_dir: Path | None = None,
