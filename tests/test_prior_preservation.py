@@ -162,3 +162,17 @@ def test_prior_preservation_changes_what_the_lora_learns_and_takes_any_image_siz
     with pytest.raises(ConfigError, match="prior_weight is 0"):  # the engine refuses too, for any door
         train_on_photos(load_denoiser("tiny", tiny_config()), reference, protection, tiny_config(),
                         class_images=classes)
+
+
+def test_the_sweep_generates_class_images_once_and_uses_them_for_every_rho(tmp_path, test_recognizer):
+    from comfyui_iddm.class_images import ClassImagePlan
+    from comfyui_iddm.sweep import run_sweep
+
+    photos = synthetic_photos(4, 64, seed=5)
+    config = tiny_config(prior_weight=1.0, ft_steps=1, pgd_steps=2)
+    plan = ClassImagePlan.check(tmp_path / "classes", 2, config)
+    sweep = run_sweep([0.5, 1.0], tmp_path / "sweep", config, centred_set(photos[:2]), centred_set(photos[2:]),
+                      class_plan=plan, log=lambda message: None)
+    assert sorted(p.name for p in (tmp_path / "classes").iterdir()) == ["class_00000.png", "class_00001.png"]
+    assert sweep["photos"]["class"] == 2 and sweep["config"]["recognizers"] == ["tiny_test"]
+    assert "classes" not in (tmp_path / "sweep" / "sweep.json").read_text()
