@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from comfyui_iddm.config import KNOBS, IDDMConfig
+from comfyui_iddm.config import KNOBS, PIXEL_RANGES, IDDMConfig
 from comfyui_iddm.precision import MIXED_PRECISION
 
 CATEGORY = "IDDM privacy"
@@ -164,6 +164,11 @@ TRAIN = NodeSpec(
         knob("mixed_precision", "COMBO", options=MIXED_PRECISION),
         knob("gradient_checkpointing", "BOOLEAN"),
         knob("pgd_batch", "INT", optional=True),
+        # optional: graphs written before these knobs still load, with the defaults
+        knob("face_mask", "BOOLEAN", optional=True),
+        knob("target_similarity", "FLOAT", step=0.05, optional=True),
+        knob("step_decay", "BOOLEAN", optional=True),
+        knob("pixel_range", "COMBO", options=tuple(PIXEL_RANGES), optional=True),
         Port("face_detector", "COMBO", "'auto' finds the eyes, nose and mouth in each photo (the "
              "face recognizers need them); 'none' assumes face-centred crops such as IDDM Load "
              "Private Photos makes with its detector off.", "auto", options=("auto", "none")),
