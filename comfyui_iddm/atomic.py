@@ -19,10 +19,14 @@ class OutputWriteError(OSError):
     """Writing an output failed (disk full, read-only folder, ...); the old file, if any, is intact."""
 
 
-def check_writable(path: Path, overwrite: bool) -> None:
-    """Refuse before any work starts: an existing output without overwrite, a missing folder, or a
-    folder in which no file can be created (read-only, no permission)."""
+def check_writable(path: Path, overwrite: bool, example: str | None = None) -> None:
+    """Refuse before any work starts: a folder where a file is to be written (no overwrite can
+    replace it), an existing output without overwrite, a missing folder, or a folder in which no
+    file can be created (read-only, no permission). `example`: a file name to suggest."""
     path = Path(path)
+    if path.is_dir():
+        inside = f" (e.g. {path / example})" if example else ""
+        raise OutputExistsError(f"{path} is a folder; give the name of the file to write{inside}.")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; choose another name or allow overwriting "
                                 "(--overwrite on the CLI, the overwrite option on the node).")
@@ -30,6 +34,19 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"the folder {path.parent} for output {path.name} does not exist; "
                                 "create it first.")
     check_folder_writable(path.parent, path.name)
+
+
+def check_output_folder(folder: Path, what: str) -> None:
+    """A folder to write files into (created when the output is written, not before): it must not
+    be a file, and it or its nearest existing parent must be writable."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder} is a file, not a folder; give a folder for {what}.")
+    nearest = next(p for p in (folder, *folder.parents) if p.exists())
+    if not nearest.is_dir():
+        raise OutputExistsError(f"{nearest} is a file, so the folder {folder} for {what} cannot be "
+                                "created; give another folder.")
+    check_folder_writable(nearest, what)
 
 
 def check_folder_writable(folder: Path, what: str) -> None:

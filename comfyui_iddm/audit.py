@@ -1,16 +1,20 @@
 """Does a file about to be published carry traces of the private photos?
 
 Reads the metadata of PNG (tEXt / zTXt / iTXt / eXIf and ComfyUI's animated-PNG `comf` chunks),
-JPEG (EXIF, XMP, comments, other APP segments) and WebP (EXIF, XMP) images, and workflow JSON
-files (ComfyUI's UI and API formats, also nested, e.g. the `prompt` and `workflow` that the stock
-Save Image node embeds, or a /history dump). Reports:
+JPEG (EXIF, XMP, comments, other APP segments) and WebP (EXIF, XMP) images, workflow JSON files
+(ComfyUI's UI and API formats, also nested, e.g. the `prompt` and `workflow` that the stock Save
+Image node embeds, or a /history dump), the header of .safetensors files (a LoRA's metadata: kohya's
+training scripts record dataset folders, paths, output names and hashes there) and HTML pages (their
+text and the images embedded in them). Reports:
 - absolute paths, paths in home folders (they name the account), `~` paths;
 - photo file names (IMG_1234.jpg, anything.png, ...);
 - the folder of IDDM Load Private Photos (its name is published with the graph);
 - LoRA names (IDDM Train, IDDM Load Protected LoRA, LoRA loaders) that are not the neutral
   iddm_<date>_<id>;
-- GPS positions and owner/author tags in EXIF.
-Image formats are recognised by their first bytes, not their file names. Nothing is written.
+- GPS positions and owner/author tags in EXIF;
+- in LoRA metadata: training-data folder names, output names that are not neutral, hashes of files.
+Formats are recognised by their first bytes, not their file names. In a folder, every other file
+(and every hidden one) is listed as not checked. Nothing is written.
 """
 from __future__ import annotations
 
@@ -34,8 +38,14 @@ KINDS = {
                  "graph and often name the person",
     "gps_location": "a GPS position: it tells where the photo was taken",
     "personal_tag": "an author, owner or camera-serial tag",
+    "file_hash": "a hash of a file, e.g. of a training photo: whoever has the photo can prove it was used",
 }
-AUDITED_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".json"}
+AUDITED_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".json", ".safetensors",
+                    ".html", ".htm"}
+# Model files that only unpickling can read (which runs code): never opened here.
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+# safetensors headers are at most 100 MB (the format's own limit); only the header is read.
+MAX_SAFETENSORS_HEADER = 100_000_000
 # Decompressed text chunks are read up to this size (a hostile file cannot exhaust memory).
 MAX_TEXT_BYTES = 64 * 1024 * 1024
 
@@ -73,17 +83,16 @@ class AuditResult:
 # --------------------------------------------------------------------------------- entry points
 
 def audit(path: Path) -> AuditResult:
-    """Audit one file, or every PNG/JPEG/WebP/JSON file under a folder (hidden ones left out)."""
+    """Audit one file, or every image, workflow, LoRA and HTML file under a folder; the folder's
+    other files, and hidden ones, are listed in `skipped` (not checked) with the reason."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDITED_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        raise FileNotFoundError(f"{path} does not exist; give the file or folder to check.")
     result = AuditResult()
+    files = [path] if path.is_file() else _folder_files(path, result.skipped)
     for file in files:
         try:
-            found = audit_bytes(file.read_bytes())
+            found = audit_bytes(_read_for_audit(file))
         except (ValueError, OSError) as error:
             result.skipped.append((str(file), str(error)))
             continue
@@ -92,12 +101,49 @@ def audit(path: Path) -> AuditResult:
     return result
 
 
+def _folder_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """The audited files under `folder`; the others go to `skipped` (a hidden folder as one entry)."""
+    files, hidden = [], {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        parts = p.relative_to(folder).parts
+        first_hidden = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+        if first_hidden is not None:
+            top = folder.joinpath(*parts[:first_hidden + 1])
+            hidden[top] = hidden.get(top, 0) + 1
+        elif p.suffix.lower() in AUDITED_SUFFIXES:
+            files.append(p)
+        elif p.suffix.lower() in PICKLE_SUFFIXES:
+            skipped.append((str(p), "a pickle-based model file: reading it safely is not possible (share "
+                                    "models as .safetensors, which this audit reads)"))
+        else:
+            skipped.append((str(p), "not an image, workflow, LoRA (.safetensors) or HTML file"))
+    for top, count in hidden.items():
+        what = "hidden folder" if top.is_dir() else "hidden file"
+        skipped.append((str(top), what + (f" ({count} files)" if top.is_dir() else "")))
+    return files
+
+
+def _read_for_audit(file: Path) -> bytes:
+    """The file's bytes; of a .safetensors file only its header (the tensors can be gigabytes)."""
+    with open(file, "rb") as f:
+        head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{":
+            size = struct.unpack("<Q", head[:8])[0]
+            if size <= MAX_SAFETENSORS_HEADER:
+                return head + f.read(size - 1)
+        return head + f.read()
+
+
 def audit_bytes(data: bytes) -> list[Finding]:
     """Findings in one file's content: an image's metadata, or a JSON/text document."""
     findings = []
     for where, payload in _container_items(data):
         if isinstance(payload, bytes):  # an EXIF block
             findings.extend(exif_findings(payload, where))
+        elif isinstance(payload, _LoraValue):
+            findings.extend(lora_findings(payload.key, str(payload), where))
         else:
             findings.extend(scan_text(payload, where))
     return findings
@@ -120,10 +166,16 @@ def _container_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
         return _jpeg_items(data)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return _webp_items(data)
+    header = _safetensors_header(data)
+    if header is not None:
+        return _safetensors_items(header)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ValueError("not a PNG, JPEG or WebP image, nor a UTF-8 text/JSON file") from None
+        raise ValueError("not a PNG, JPEG or WebP image, a .safetensors file, nor a UTF-8 text/JSON/HTML "
+                         "file") from None
+    if _HTML_START.match(text):
+        return _html_items(text)
     return iter([("file", text)])
 
 
@@ -219,6 +271,98 @@ def _strings_item(data: bytes, where: str) -> Iterator[tuple[str, str]]:
     runs = re.findall(rb"[\x20-\x7e]{6,}", data)
     if runs:
         yield where, "\n".join(r.decode("ascii") for r in runs)
+
+
+# --------------------------------------------------------------------------------- LoRA files and HTML
+
+def _safetensors_header(data: bytes) -> dict | None:
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON), or None."""
+    if len(data) < 10 or data[8:9] != b"{":
+        return None
+    size = struct.unpack("<Q", data[:8])[0]
+    if size > len(data) - 8:
+        return None
+    try:
+        header = json.loads(data[8:8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+# kohya's training scripts: JSON objects whose KEYS are the training-data folders ("10_anna").
+_DATASET_FOLDER_KEYS = {"ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency"}
+# Names given to the LoRA by its maker (they travel with the file).
+_NAME_KEYS = {"ss_output_name", "modelspec.title", "name", "ss_training_comment"}
+# Hashes of the model itself or of the base model (they identify no photo).
+_MODEL_HASH_KEYS = {"sshs_model_hash", "sshs_legacy_hash", "ss_sd_model_hash", "ss_new_sd_model_hash",
+                    "ss_vae_hash", "ss_new_vae_hash", "modelspec.hash_sha256", "modelspec.hash_legacy"}
+_HASH = re.compile(r"(?<![0-9a-fA-F])(?:[0-9a-f]{32,128}|[0-9A-F]{32,128})(?![0-9a-fA-F])")
+
+
+def _safetensors_items(header: dict) -> Iterator[tuple[str, str]]:
+    """Each metadata value as (where, text); LoRA-specific findings are made by lora_findings."""
+    metadata = header.get("__metadata__")
+    for key, value in (metadata.items() if isinstance(metadata, dict) else ()):
+        yield f"LoRA metadata '{key}'", _LoraValue(str(value), str(key))
+
+
+class _LoraValue(str):
+    """A LoRA metadata value that remembers its key (audit_bytes routes it to lora_findings)."""
+
+    def __new__(cls, text: str, key: str) -> "_LoraValue":
+        value = super().__new__(cls, text)
+        value.key = key
+        return value
+
+
+def lora_findings(key: str, value: str, where: str) -> list[Finding]:
+    """One LoRA metadata value: paths and photo names as anywhere, plus what kohya-style metadata
+    carries: training-data folder names, non-neutral output names, hashes of files."""
+    findings = scan_text(value, where)
+    document = _as_json(value)
+    if key in _DATASET_FOLDER_KEYS and isinstance(document, dict):
+        for folder in document:
+            hits = scan_string(str(folder), f"{where} > {folder}", whole_value=True)
+            findings += hits or [Finding(f"{where} > {folder}", "private_folder", str(folder))]
+    if isinstance(document, dict):  # other keys of nested objects (tags, file names) may be paths too
+        findings += [hit for name in _json_keys(document) for hit in scan_string(name, f"{where} > {name}")]
+    if key in _NAME_KEYS and value.strip() and not findings and not is_neutral_lora_name(value.strip()):
+        findings.append(Finding(where, "lora_name", value.strip()))
+    if key not in _MODEL_HASH_KEYS:
+        findings += [Finding(where, "file_hash", m.group(0)) for m in _HASH.finditer(value)]
+    return findings
+
+
+def _json_keys(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from _json_keys(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _json_keys(value)
+
+
+_HTML_START = re.compile(r"\s*(?:<!doctype html|<html|<head|<body)", re.I)
+_DATA_IMAGE = re.compile(r"data:image/[a-z+.-]+;base64,([A-Za-z0-9+/=\s]+)", re.I)
+
+
+def _html_items(text: str) -> Iterator[tuple[str, str | bytes]]:
+    """The page's text, and the metadata of each image embedded in it as a data: URI."""
+    import base64
+    import binascii
+
+    yield "HTML", text
+    for number, match in enumerate(_DATA_IMAGE.finditer(text), start=1):
+        try:
+            image = base64.b64decode(re.sub(r"\s+", "", match.group(1)), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        try:
+            for where, payload in _container_items(image):
+                yield f"HTML embedded image {number} > {where}", payload
+        except ValueError:
+            continue
 
 
 # --------------------------------------------------------------------------------- EXIF

@@ -7,9 +7,10 @@ import importlib
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .config import KNOBS, PRESETS, ConfigError, IDDMConfig
+if TYPE_CHECKING:  # the engine imports torch: only inside main(), where a Ctrl-C is caught
+    from .config import IDDMConfig
 
 # Sub-commands beside `train`, each a module in commands/ with add_parser(subparsers).
 COMMANDS = ("demo", "report", "sweep", "similarity", "audit")
@@ -20,6 +21,8 @@ FLAG_NAMES = {"pgd_alpha": "alpha"}
 
 def add_knob_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per IDDMConfig field, help text from the shared KNOBS table; unset flags stay None."""
+    from .config import KNOBS, PRESETS, IDDMConfig
+
     group = parser.add_argument_group("IDDM knobs (defaults: the paper's, or the preset's)")
     group.add_argument("--preset", choices=sorted(PRESETS), default="balanced",
                        help="privacy (rho 0.1), balanced (rho 0.3, default) or likeness (rho 0.5)")
@@ -45,6 +48,8 @@ def add_class_image_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> IDDMConfig:
+    from .config import IDDMConfig
+
     chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(IDDMConfig)
               if getattr(args, f.name, None) is not None}
     return IDDMConfig.preset(args.preset, **chosen)
@@ -79,7 +84,7 @@ def add_train_parser(subparsers) -> None:
                    help="show X0 | X' | difference in the page (your photos: off by default)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last iteration")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--config-dir", default=None,
                    help="local diffusers config folder for single-file checkpoints (offline use)")
     add_knob_flags(p)
@@ -100,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
                               evaluators=parse_list(args.evaluators) if args.evaluators else None,
                               resume=args.resume, device=args.device, config_dir=args.config_dir,
                               on_progress=progress.update, on_photo_issue=progress.write)
-    print_summary(result.report, args.out)
+    print_summary(result.report, args.out, written_outputs(outputs, len(result.decoupled)))
     return 0
 
 
@@ -117,13 +122,41 @@ def interrupt_message(state_dir: Path):
         raise
 
 
-def print_summary(report: dict, lora_path: Path) -> None:
-    d = report["decoupled"]
-    print(f"LoRA written: {lora_path}")
-    print(f"X' vs X0: L-inf {d['linf']:.3f}, PSNR {d['psnr']:.1f} dB, SSIM {d['ssim']:.3f}; "
-          f"{report['seconds_total']:.1f} s")
-    for row in report.get("identity", []):
-        print(f"  {row['recognizer']:<14} ({row['role']}): similarity {row['before']:.3f} -> {row['after']:.3f}")
+def written_outputs(outputs, n_decoupled: int) -> list[tuple[str, Path]]:
+    """(what, where) for each output of a finished `iddm train` besides the LoRA."""
+    from .report import HTML_NAME
+
+    written = []
+    if outputs.decoupled_dir is not None:
+        written.append((f"protected photos X' ({n_decoupled} PNG)", outputs.decoupled_dir))
+    if outputs.report is not None:
+        written.append(("JSON report", outputs.report))
+    if outputs.html_dir is not None:
+        written.append(("report page", outputs.html_dir / HTML_NAME))
+    return written
+
+
+def print_summary(report: dict, lora_path: Path, written: Sequence[tuple[str, Path]] = ()) -> None:
+    """Where each output went, then every figure with its name and unit."""
+    rows = [("protected LoRA", lora_path), *written]
+    width = max(len(what) for what, _ in rows)
+    for what, where in rows:
+        print(f"{what + ' written:':<{width + 9}} {where}")
+    d, photos = report["decoupled"], report.get("photos", {})
+    print(f"protected photos X' against the originals X0 (pixels in [0,1]): largest pixel change "
+          f"(L-inf) {d['linf']:.3f}, PSNR {d['psnr']:.1f} dB, SSIM {d['ssim']:.3f}")
+    identity = report.get("identity", [])
+    if identity:
+        print("similarity to the person (cosine to the identity of the reference photos; lower = harder "
+              "to link), protected photos before -> after:")
+        roles = {"surrogate": "surrogate: attacked in training", "held-out": "held-out: never attacked"}
+        labels = [f"{row['recognizer']} ({roles.get(row['role'], row['role'])})" for row in identity]
+        for label, row in zip(labels, identity):
+            print(f"  {label:<{max(map(len, labels))}}  {row['before']:.3f} -> {row['after']:.3f}")
+    counts = f"{photos['reference']} reference, {photos['protection']} protected; " if photos else ""
+    print(f"photos: {counts}training time {report['seconds_total']:.1f} s")
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}")
 
 
 class ProgressBar:
@@ -156,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iddm", description=(
         "Identity-decoupled personalization (IDDM): personalize Stable Diffusion on your photos so the "
         "portraits it generates are hard to link to you by face recognition."))
+    parser.add_argument("--version", action="version", version=version_line())
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     for command in COMMANDS:
@@ -164,11 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .allocator import keep_freed_memory
+    try:  # start-up imports torch and the engine (seconds): a Ctrl-C there is not a traceback
+        from .allocator import keep_freed_memory
+        from .config import ConfigError
 
-    keep_freed_memory()  # this process exits after one job: reuse freed memory (allocator.py)
-    args = build_parser().parse_args(argv)
+        keep_freed_memory()  # this process exits after one job: reuse freed memory (allocator.py)
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted while starting; nothing was done.", file=sys.stderr)
+        return 130
     try:
+        check_common_flags(args)
         return args.func(args)
     except KeyboardInterrupt:
         return 130
@@ -181,6 +221,37 @@ def main(argv: Sequence[str] | None = None) -> int:
               "fp16), or lower --resolution or --batch-size. README: settings per GPU memory.",
               file=sys.stderr)
         return 1
+
+
+def version_line() -> str:
+    """`iddm --version`: this package's version, and the Python and torch build it runs on (for bug
+    reports; torch's version names its build, e.g. 2.14.1+cu130 or 2.14.1+cpu)."""
+    import torch
+
+    from . import __version__
+    python = ".".join(map(str, sys.version_info[:3]))
+    return f"iddm {__version__} (Python {python}, torch {torch.__version__})"
+
+
+def check_common_flags(args: argparse.Namespace) -> None:
+    """Flags several commands share, checked before anything is loaded: a device this machine has,
+    a weights folder that exists, a photo count of at least 1 (0 must not mean the default)."""
+    from .config import ConfigError
+    from .devices import check_device
+
+    if getattr(args, "device", None) is not None:
+        args.device = check_device(args.device)
+    weights_dir = getattr(args, "weights_dir", None)
+    if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
+        what = "is not a folder" if Path(weights_dir).expanduser().exists() else "does not exist"
+        raise FileNotFoundError(
+            f"--weights-dir {weights_dir} {what}; give the folder that holds the face-recognizer "
+            "weights (README: Face-recognizer weights), or leave the flag out to use $IDDM_WEIGHTS_DIR "
+            "or the user cache.")
+    reference = getattr(args, "reference", None)
+    if isinstance(reference, int) and not isinstance(reference, bool) and reference < 1:
+        raise ConfigError(f"--reference {reference}: the reference set needs at least 1 photo; give a "
+                          "count from 1 to the number of photos minus 1, or leave the flag out for half.")
 
 
 def torch_out_of_memory() -> type[BaseException]:

@@ -78,6 +78,9 @@ class PhotoSet:
     names: list[str] = field(default_factory=list)  # in memory only
     scores: Tensor | None = None  # detector confidence x face size, for "best faces" splits
     issues: list[PhotoIssue] = field(default_factory=list)
+    # 1-based position of each photo among the images given (a folder's image files in name order):
+    # what messages that may be kept call a photo ("photo 3"), never its file name.
+    numbers: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -85,7 +88,8 @@ class PhotoSet:
     def subset(self, indices: Sequence[int]) -> "PhotoSet":
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return PhotoSet(self.images[idx], self.landmarks[idx], [self.names[i] for i in idx.tolist()],
-                        None if self.scores is None else self.scores[idx], [])
+                        None if self.scores is None else self.scores[idx], [],
+                        [self.numbers[i] for i in idx.tolist()] if self.numbers else [])
 
 
 # --- reading one photo ---------------------------------------------------------------------------
@@ -236,7 +240,7 @@ def crop_faces(photos: Iterable[tuple[int, str, Image.Image]], resolution: int, 
     earlier photo, are skipped and listed in the returned set's `issues`.
     """
     issues = [] if issues is None else issues
-    crops, landmarks, scores, kept = [], [], [], []
+    crops, landmarks, scores, kept, numbers = [], [], [], [], []
     for index, name, img in photos:
         if min(img.size) < MIN_FACE_SIDE:
             issues.append(PhotoIssue(index, name, f"only {img.width}x{img.height} px; a face photo needs "
@@ -255,10 +259,11 @@ def crop_faces(photos: Iterable[tuple[int, str, Image.Image]], resolution: int, 
         landmarks.append(torch.as_tensor(points, dtype=torch.float32))
         scores.append(face.score * _side(face.box))
         kept.append(name)
+        numbers.append(index + 1)
     if not crops:
         empty = torch.zeros(0, 3, resolution, resolution)
         return PhotoSet(empty, torch.zeros(0, 5, 2), [], torch.zeros(0), issues)
-    return PhotoSet(torch.stack(crops), torch.stack(landmarks), kept, torch.tensor(scores), issues)
+    return PhotoSet(torch.stack(crops), torch.stack(landmarks), kept, torch.tensor(scores), issues, numbers)
 
 
 def _side(box) -> float:

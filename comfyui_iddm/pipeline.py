@@ -57,7 +57,8 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
                     evaluators: Sequence[str] | None = None,
                     on_progress: Callable[[ProgressEvent], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None,
-                    state_dir: Path | None = None) -> TrainOutput:
+                    state_dir: Path | None = None,
+                    on_warning: Callable[[str], None] | None = None) -> TrainOutput:
     from .class_images import check_prior_preservation, fit_class_images
     from .faces.ensemble import IdentityEnsemble
     from .faces.registry import load_recognizers
@@ -78,6 +79,10 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
     config = config.replace(recognizers=roles.surrogates or ("none",))
     recognizers = load_recognizers(list(roles.surrogates + roles.held_out), weights_dir, denoiser.device)
     surrogates = [r for r in recognizers if r.name in roles.surrogates]
+    from .faces.same_person import one_person_warnings
+    warnings = one_person_warnings(recognizers, reference, protection)  # before minutes of training
+    for warning in warnings if on_warning else ():
+        on_warning(warning)
     device = denoiser.device
     scorer = None
     if surrogates:
@@ -91,6 +96,8 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
     if class_images is not None:
         report["photos"]["class"] = int(class_images.shape[0])  # a count: never the folder or names
     report["compute_dtype"] = str(denoiser.compute_dtype).removeprefix("torch.")
+    if warnings:
+        report["warnings"] = warnings  # photos named by number only
     # Metadata holds numbers only (lora_io refuses text), so the recognizer names become keys.
     figures = {"decoupled": report["decoupled"], "seconds_total": report["seconds_total"],
                "class_images": report["photos"].get("class", 0),
@@ -153,20 +160,34 @@ class FolderOutputs:
         return self.lora.with_name(f".{self.lora.name}.iddm-state")
 
     def check(self, resume: bool) -> None:
-        """Refuse before any work: outputs that exist, missing folders, a stale unfinished run."""
-        atomic.check_writable(self.lora, self.overwrite)
+        """Refuse before any work, and before creating anything: outputs that exist, files where
+        folders go and folders where files go, two outputs on one path, missing folders, a stale
+        unfinished run, and a resume with nothing to resume."""
+        from .report import HTML_NAME, check_html_output
+        from .run_state import has_saved_state
+
+        if self.report is not None and self.report.resolve() == self.lora.resolve():
+            raise atomic.OutputExistsError(f"--report and --out both name {self.lora}; give two files.")
+        if self.report is not None and self.html_dir is not None \
+                and self.report.resolve() == (self.html_dir / HTML_NAME).resolve():
+            raise atomic.OutputExistsError(f"--report {self.report} is where --html writes its page; "
+                                           "give another file name.")
+        atomic.check_writable(self.lora, self.overwrite, "lora.safetensors")
         if self.report is not None:
-            atomic.check_writable(self.report, self.overwrite)
+            atomic.check_writable(self.report, self.overwrite, "report.json")
         if self.html_dir is not None:
-            from .report import HTML_NAME
-            self.html_dir.mkdir(parents=True, exist_ok=True)
-            atomic.check_writable(self.html_dir / HTML_NAME, self.overwrite)
+            check_html_output(self.html_dir, self.overwrite)
         if self.decoupled_dir is not None:
+            atomic.check_output_folder(self.decoupled_dir, "the decoupled photos (X')")
             if self.decoupled_dir.exists() and any(self.decoupled_dir.iterdir()) and not self.overwrite:
                 raise atomic.OutputExistsError(f"{self.decoupled_dir} is not empty; choose an empty folder "
                                                "for X' or allow overwriting (--overwrite).")
-            nearest = next(p for p in (self.decoupled_dir, *self.decoupled_dir.parents) if p.exists())
-            atomic.check_folder_writable(nearest, "the decoupled photos (X')")
+        if self.state_dir.exists() and not has_saved_state(self.state_dir):
+            shutil.rmtree(self.state_dir)  # stopped before its first iteration was saved: nothing to keep
+        if resume and not has_saved_state(self.state_dir):
+            raise FileNotFoundError(
+                f"--resume: no interrupted run of {self.lora.name} to continue (nothing saved in "
+                f"{self.state_dir}). Run the same command without --resume to start from the beginning.")
         claim_state_dir(self.state_dir, resume, False, self.lora.name,
                         f"continue it with --resume, or delete {self.state_dir} to start over.")
 
@@ -192,12 +213,14 @@ def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: ID
     photos = load_photo_folder(photos_dir, config.resolution, face_detector)
     for issue in photos.issues:
         on_photo_issue(f"{issue.name}: {issue.reason}")
-    reference, protection = split_photos(photos, n_reference or len(photos) // 2, split_mode, config.seed)
+    n_reference = len(photos) // 2 if n_reference is None else n_reference  # 0 is refused, not the default
+    reference, protection = split_photos(photos, n_reference, split_mode, config.seed)
     denoiser = load_denoiser(base, config, device=device, config_dir=config_dir)
     class_images = class_plan.prepare(denoiser, config, on_photo_issue) if class_plan else None
     result = train_on_photos(denoiser, reference, protection, config, weights_dir=weights_dir,
                              class_images=class_images, evaluators=evaluators, on_progress=on_progress,
-                             should_cancel=should_cancel, state_dir=outputs.state_dir)
+                             should_cancel=should_cancel, state_dir=outputs.state_dir,
+                             on_warning=lambda warning: on_photo_issue(f"warning: {warning}"))
     try:
         if outputs.decoupled_dir is not None:
             save_decoupled(result.decoupled, outputs.decoupled_dir)

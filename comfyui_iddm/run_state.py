@@ -66,6 +66,12 @@ def claim_state_dir(state_dir: Path, resume: bool, start_over: bool, what: str, 
     return state_dir
 
 
+def has_saved_state(state_dir: Path) -> bool:
+    """Whether a finished iteration was saved there (what a resume continues from)."""
+    state_dir = Path(state_dir)
+    return state_dir.is_dir() and bool(_finished(state_dir))
+
+
 def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:
     state_dir, staging = Path(state_dir), None
     try:

@@ -307,3 +307,121 @@ def test_folder_audit_and_exit_codes(tmp_path):
     assert code == 2 and "not checked" in out
     with pytest.raises(FileNotFoundError):
         audit(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- issue 13: fail loudly,
+# list what was not checked, read LoRAs and HTML pages
+
+def test_a_missing_path_or_a_folder_with_nothing_to_check_fails_loudly(tmp_path):
+    from conftest import run_cli_here
+
+    code, out, err = run_cli_here(["audit", str(tmp_path / "missing")])
+    assert code == 2 and "does not exist" in err and "nothing found" not in out
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli_here(["audit", str(tmp_path / "empty")])
+    assert code == 2 and "nothing to check" in err and "nothing found" not in out
+
+
+def kohya_lora(path: Path, **metadata: str) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(path),
+              metadata=metadata)
+    return path
+
+
+def test_lora_metadata_is_audited_names_folders_paths_and_hashes(tmp_path):
+    digest = "3f" * 32
+    lora = kohya_lora(
+        tmp_path / "lora.safetensors", ss_output_name="anna_smith_v2", ss_network_dim="4",
+        ss_dataset_dirs=json.dumps({"10_anna smith": {"n_repeats": 10, "img_count": 12}}),
+        ss_tag_frequency=json.dumps({"10_anna smith": {"anna smith": 12, "IMG_1234.jpg": 1}}),
+        ss_datasets=json.dumps([{"subsets": [{"image_dir": "/home/anna/photos/train"}]}]),
+        sshs_model_hash="ab" * 32,  # the LoRA's own hash: names no photo
+        ss_image_hashes=json.dumps({"img1": digest}))
+    result = audit(lora)
+    assert result.files_checked == 1
+    assert kinds(result.findings) == sorted([
+        ("lora_name", "anna_smith_v2"), ("private_folder", "10_anna smith"),
+        ("private_folder", "10_anna smith"), ("photo_file_name", "IMG_1234.jpg"),
+        ("home_dir", "/home/anna/photos/train"), ("file_hash", digest)])
+    assert all(f.where.startswith("LoRA metadata '") for f in result.findings)
+
+
+def test_an_iddm_lora_audits_clean_and_only_its_header_is_read(tmp_path, monkeypatch):
+    import torch
+
+    from comfyui_iddm.config import IDDMConfig
+    from comfyui_iddm.lora_io import lora_metadata, save_lora
+
+    path = tmp_path / "iddm_20261122_0a1b2c.safetensors"
+    figures = {"decoupled": {"linf": 0.08, "psnr": 30.1, "ssim": 0.9}, "seconds_total": 10.0}
+    save_lora(path, {"lora_unet_x.lora_down.weight": torch.zeros(256, 256)}, lora_metadata(IDDMConfig(), figures))
+    reads = []
+    real_open = open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if Path(file) == path:
+            real_read = handle.read
+            handle.read = lambda size=-1: reads.append(size) or real_read(size)
+        return handle
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    result = audit(path)
+    assert result.files_checked == 1 and result.findings == [] and result.skipped == []
+    assert -1 not in reads  # the 256 KB of tensors were never read
+
+
+def test_html_pages_and_the_images_embedded_in_them_are_audited(tmp_path):
+    import base64
+
+    leaky_png = stock_png(api_graph("my_photos", "anna_lora"), {"nodes": []})
+    page = tmp_path / "page.html"
+    page.write_text("<!DOCTYPE html><html><body><p>photos from /home/anna/Pictures/set/IMG_0001.jpg</p>"
+                    f'<img src="data:image/png;base64,{base64.b64encode(leaky_png).decode()}"></body></html>')
+    found = audit(page).findings
+    assert ("home_dir", "/home/anna/Pictures/set/IMG_0001.jpg") in kinds(found)
+    embedded = [f for f in found if f.where.startswith("HTML embedded image 1 > PNG tEXt 'prompt'")]
+    assert {f.kind for f in embedded} == {"private_folder", "lora_name"}
+
+
+def test_a_report_page_written_by_iddm_audits_clean(tmp_path):
+    from comfyui_iddm.report import write_report_html
+
+    report = {"config": {"rho": 0.3, "eta": 0.08, "recognizers": ["dlib_resnet"]},
+              "iterations": [{"stage1_loss": [0.1], "stage2_score": [0.5], "ft_loss": [0.2, 0.1], "seconds": 1.0}],
+              "identity": [{"recognizer": "dlib_resnet", "role": "surrogate", "before": 0.99, "after": 0.5}],
+              "decoupled": {"linf": 0.08, "psnr": 30.0, "ssim": 0.9}, "seconds_total": 3.0}
+    write_report_html(report, tmp_path)
+    result = audit(tmp_path)
+    assert result.files_checked == 4 and result.findings == [] and result.skipped == []
+
+
+def test_a_folder_lists_every_file_it_did_not_check(tmp_path):
+    kohya_lora(tmp_path / "lora.safetensors", ss_output_name="anna")
+    (tmp_path / "page.html").write_text("<html><body>/home/anna/x/y</body></html>")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x04pickle")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "a.json").write_text("{}")
+    (tmp_path / ".cache" / "b.json").write_text("{}")
+    (tmp_path / ".env").write_text("X=1")
+    result = audit(tmp_path)
+    assert result.files_checked == 2  # the LoRA and the page
+    assert {f.file for f in result.findings} == {str(tmp_path / "lora.safetensors"), str(tmp_path / "page.html")}
+    skipped = dict(result.skipped)
+    assert skipped == {
+        str(tmp_path / "notes.txt"): "not an image, workflow, LoRA (.safetensors) or HTML file",
+        str(tmp_path / "old.ckpt"): skipped[str(tmp_path / "old.ckpt")],
+        str(tmp_path / ".cache"): "hidden folder (2 files)", str(tmp_path / ".env"): "hidden file"}
+    assert "pickle" in skipped[str(tmp_path / "old.ckpt")]
+    code, out = run_audit(str(tmp_path))
+    assert code == 1
+    assert f"{tmp_path / 'notes.txt'}: not checked: not an image" in out
+    assert "2 file(s) checked; 2 finding(s) in 2 file(s); 4 not checked" in out
+    (tmp_path / "lora.safetensors").unlink()
+    (tmp_path / "page.html").unlink()
+    code, out = run_audit(str(tmp_path))
+    assert code == 2 and "0 file(s) checked; nothing found; 4 not checked" in out

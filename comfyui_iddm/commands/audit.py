@@ -1,8 +1,9 @@
 """`iddm audit FILE_OR_DIR`: before publishing, check images and workflow files for traces of the
 private photos (paths, account names, photo file names, the photo folder, LoRA names, GPS).
 
-Exit code 0: nothing found; 1: something found; 2: a file could not be checked. Values found are
-printed on the user's own terminal only; nothing is written.
+Exit code 0: nothing found; 1: something found; 2: a file was not checked (unreadable, or in a folder
+a kind of file this audit does not read), nothing was checked at all, or the path does not exist.
+Values found are printed on the user's own terminal only; nothing is written.
 """
 from __future__ import annotations
 
@@ -17,20 +18,27 @@ from ..audit import KINDS, AuditResult, audit, home_user
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "audit", help="check images and workflows for paths, photo names and LoRA names before sharing",
+        "audit", help="check images, workflows, LoRAs and HTML pages for paths, photo names and LoRA "
+                      "names before sharing",
         description="Reads the metadata of PNG/JPEG/WebP images (ComfyUI embeds the whole graph in every "
-                    "image the stock Save Image node writes) and workflow JSON files, and reports what "
-                    "could lead back to the private photos: absolute and home-folder paths, photo file "
-                    "names, the photo folder of IDDM Load Private Photos, LoRA names that are not the "
-                    "neutral iddm_<date>_<id>, GPS positions. Exit code 1 when something is found.")
+                    "image the stock Save Image node writes), workflow JSON files, LoRA .safetensors "
+                    "headers and HTML pages (with the images embedded in them), and reports what could "
+                    "lead back to the private photos: absolute and home-folder paths, photo file names, "
+                    "the photo folder of IDDM Load Private Photos, training-data folders, LoRA names that "
+                    "are not the neutral iddm_<date>_<id>, hashes of files, GPS positions. In a folder, "
+                    "every file of another kind (and every hidden one) is listed as not checked. Exit "
+                    "code 1 when something is found, 2 when something was not checked.")
     p.add_argument("path", type=Path, metavar="FILE_OR_DIR",
-                   help="an image or workflow file, or a folder (searched recursively)")
+                   help="an image, workflow, LoRA or HTML file, or a folder (searched recursively)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a list")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     result = audit(args.path)
+    if result.files_checked == 0 and not result.skipped:
+        raise FileNotFoundError(f"nothing to check: {args.path} holds no image, workflow, LoRA or HTML "
+                                "file (and no other file).")
     print(json.dumps(as_json(result), indent=2) if args.json else format_result(result))
     if result.findings:
         return 1
