@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, reset_peak_rss, status_mb  # noqa: E402
 
 from comfyui_iddm.config import IDDMConfig  # noqa: E402
 
@@ -48,40 +48,33 @@ class IterationPeaks:
         self._iteration, self._started = None, time.perf_counter()
 
     def __enter__(self) -> "IterationPeaks":
-        self.baseline_mb = _status_mb("VmRSS")
+        self.baseline_mb = status_mb("VmRSS")
         return self
 
     def __exit__(self, *exc) -> None:
         self._close()
-        self.after_mb = round(_status_mb("VmHWM"), 1)  # since the last step: evaluation and writing
+        self.after_mb = round(status_mb("VmHWM"), 1)  # since the last step: evaluation and writing
 
     def _close(self) -> None:
         if self._iteration is not None:
-            self.results.append(IterationMemory(self._iteration, round(_status_mb("VmHWM"), 1),
-                                                round(_status_mb("VmRSS"), 1),
+            self.results.append(IterationMemory(self._iteration, round(status_mb("VmHWM"), 1),
+                                                round(status_mb("VmRSS"), 1),
                                                 round(time.perf_counter() - self._started, 2)))
             self._iteration = None
 
     def on_progress(self, event) -> None:
         if event.iteration != self._iteration:
             self._close()  # the previous iteration ended with its last step
-            Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
+            reset_peak_rss()
             self._iteration, self._started = event.iteration, time.perf_counter()
         if event.done == event.total:  # the run's last step: what follows is evaluation, not training
             self._close()
-            Path("/proc/self/clear_refs").write_text("5")
+            reset_peak_rss()
 
     def growth(self, first: int = 2) -> float:
         """Peak of the last iteration relative to iteration `first` (0.05 = 5% more)."""
         peaks = {r.iteration: r.peak_mb for r in self.results}
         return peaks[max(peaks)] / peaks[first] - 1
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}; this benchmark measures memory on Linux only")
 
 
 def write_sample_photos(folder: Path, count: int, side: int) -> None:

@@ -4,7 +4,7 @@ folder (no weights) for loading it offline. Only the weights are random; the arc
 key names, the fp16 storage and the loading path (`load_denoiser`, i.e. diffusers'
 `StableDiffusionPipeline.from_single_file(..., config=DIR)`) are those of a real SD 1.5 file.
 
-    python benchmarks/real_size_model.py [--cache DIR]    # builds it once, prints the paths
+    python benchmarks/real_size_model.py [--cache DIR] [--size real|smoke]   # built once; prints the paths
 
 The diffusers -> ldm key mapping is written here from the two architectures' module layouts;
 tests/test_real_size_model.py checks it against diffusers' own ldm -> diffusers converters.
@@ -53,6 +53,16 @@ SD15 = ModelShape(
               num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
               hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1),
 )
+
+# The smallest checkpoint ComfyUI still detects as SD 1.5 (model_channels 320, context_dim 768): one
+# UNet level with one resnet, SD 1.5's full VAE and text encoder (~0.45 GB). For CPU smoke runs.
+SMOKE = ModelShape(
+    name="sd15-smoke",
+    unet={**SD15.unet, "block_out_channels": (320,), "layers_per_block": 1,
+          "down_block_types": ("CrossAttnDownBlock2D",), "up_block_types": ("CrossAttnUpBlock2D",)},
+    vae=SD15.vae, text=SD15.text,
+)
+SHAPES = {"real": SD15, "smoke": SMOKE}
 
 
 @dataclass(frozen=True)
@@ -244,7 +254,9 @@ def ensure_model(cache: Path = DEFAULT_CACHE, shape: ModelShape = SD15) -> Built
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (default %(default)s)")
-    built = ensure_model(parser.parse_args().cache)
+    parser.add_argument("--size", choices=sorted(SHAPES), default="real")
+    args = parser.parse_args()
+    built = ensure_model(args.cache, SHAPES[args.size])
     print(f"checkpoint {built.checkpoint} ({built.checkpoint.stat().st_size / 2**30:.2f} GiB)")
     print(f"config dir {built.config_dir}")
 
