@@ -9,8 +9,9 @@ For each variant and eta: one IDDM run on the tiny model with one surrogate reco
 held out (only measured), and the figures of X' against X0: PSNR, SSIM, the share of the squared
 change that lies outside the aligned face region, and the relative drop of each recognizer's cosine
 to the person (X' against X0, i.e. against the same run at pgd_steps 0, whose X' is X0). Variants:
-`paper` (the defaults), `face_mask`, `target` (target_similarity), `decay` (step_decay), `all` (the
-three together), and `paper_0_1` (eta and alpha read in [0,1] units: the budget-scale question).
+`paper` (Algorithm 1 as written: the whole frame changes), `face_mask` (the default here), `target`
+(target_similarity), `decay` (step_decay), `all` (the three together), and `paper_0_1` (eta and
+alpha read in [0,1] units: the budget-scale question). `target` and `decay` run without the mask.
 The curve (held-out drop against PSNR) goes to --plot. Figures only, never asserted.
 """
 from __future__ import annotations
@@ -29,11 +30,11 @@ from common import IDDMConfig, load_photos, machine, timed_iddm  # noqa: E402
 from comfyui_iddm.config import parse_list  # noqa: E402
 
 VARIANTS = {
-    "paper": {},
-    "paper_0_1": {"pixel_range": "0,1"},
+    "paper": {"face_mask": False},
+    "paper_0_1": {"pixel_range": "0,1", "face_mask": False},
     "face_mask": {"face_mask": True},
-    "target": {"target_similarity": 0.3},
-    "decay": {"step_decay": True},
+    "target": {"target_similarity": 0.3, "face_mask": False},
+    "decay": {"step_decay": True, "face_mask": False},
     "all": {"face_mask": True, "target_similarity": 0.3, "step_decay": True},
 }
 

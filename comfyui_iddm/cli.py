@@ -30,7 +30,8 @@ def add_knob_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
         kind = {"int": int, "float": float}.get(f.type, str)
         if f.type == "bool":
-            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=KNOBS[f.name].help)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{KNOBS[f.name].help} (default {'on' if f.default else 'off'})")
         else:
             default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
             group.add_argument(flag, dest=f.name, type=kind, default=None,

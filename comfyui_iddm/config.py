@@ -63,12 +63,13 @@ KNOBS: dict[str, Knob] = {
                             "are stored in half precision), 'no' (float32), 'fp16' or 'bf16'. LoRA "
                             "weights and optimizer state are always float32."),
     "gradient_checkpointing": Knob("Recompute UNet and VAE activations in backward instead of keeping "
-                                   "them: much less memory, ~30% more time (on for cards up to 12 GB)."),
+                                   "them: much less memory, about a third more time (on by itself on GPUs of 12 GB or less)."),
     "pixel_range": Knob("Pixel scale eta and pgd_alpha are given in: '-1,1' (the paper's, after "
                         "Anti-DreamBooth, whose code perturbs images normalised to [-1,1]: eta 0.08 is "
                         "0.04 of the [0,1] range, about 10 of 255) or '0,1' (twice the change)."),
     "face_mask": Knob("Limit the photo changes to the face region the recognizers look at (from the "
-                      "landmarks, feathered): the background stays untouched."),
+                      "landmarks, feathered): the background stays untouched. On by default: on real "
+                      "photos it gave higher PSNR and more held-out privacy at every eta measured."),
     "target_similarity": Knob("Stop pushing a photo in Stage II once its ensemble similarity S is at or "
                               "below this (-1 = never stop): no more change than the target needs.", -1.0, 1.0),
     "step_decay": Knob("Shrink the PGD step over the iterations (cosine from pgd_alpha towards 0): "
@@ -115,7 +116,7 @@ class IDDMConfig:
     gradient_checkpointing: bool = False
     pgd_batch: int = 0
     pixel_range: str = PAPER_PIXEL_RANGE
-    face_mask: bool = False
+    face_mask: bool = True
     target_similarity: float = -1.0
     step_decay: bool = False
 

@@ -54,8 +54,22 @@ def test_a_photo_at_the_target_similarity_is_not_pushed_further(monkeypatch):
 
 
 def test_step_decay_shrinks_alpha_over_the_iterations():
-    config = tiny_config(step_decay=True, iterations=4)
+    config = tiny_config(step_decay=True, iterations=4, face_mask=False)
     alphas = [photo_budget(config, LANDMARKS, (64, 64), k)[1] for k in range(1, 5)]
     assert alphas[0] == pytest.approx(config.budget[1]) and alphas == sorted(alphas, reverse=True)
     assert alphas[-1] > 0
-    assert photo_budget(tiny_config(), LANDMARKS, (64, 64), 4)[1] == pytest.approx(tiny_config().budget[1])
+    plain = tiny_config(face_mask=False)
+    assert photo_budget(plain, LANDMARKS, (64, 64), 4)[1] == pytest.approx(plain.budget[1])
+
+
+def test_the_cli_turns_boolean_knobs_on_and_off_and_its_help_renders():
+    from comfyui_iddm.cli import build_parser, config_from_args
+    from conftest import run_cli_here
+
+    parser = build_parser()
+    base = ["train", "photos", "--base", "tiny", "--out", "x.safetensors"]
+    assert config_from_args(parser.parse_args(base)).face_mask is True
+    assert config_from_args(parser.parse_args(base + ["--no-face-mask"])).face_mask is False
+    assert config_from_args(parser.parse_args(base + ["--step-decay", "--pixel-range", "0,1"])).budget == (0.08, 0.008)
+    code, out, _ = run_cli_here(["train", "--help"])
+    assert code == 0 and "--no-face-mask" in out and "[-1,1]" in out
