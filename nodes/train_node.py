@@ -28,11 +28,12 @@ class IDDMTrain(io.ComfyNode):
         from comfyui_iddm.pipeline import train_on_photos
         from comfyui_iddm.run_state import claim_state_dir, private_run_dir
 
-        from .comfy_denoiser import ComfyDenoiser, training_mode
+        from .comfy_denoiser import ComfyDenoiser, check_model, training_mode
         from .photo_nodes import load_face_detector
         from .progress import ComfyProgress, cancel_requested, raise_if_interrupted
 
         from comfyui_iddm.private_root import neutral_lora_name
+        check_model(model)  # an unsupported MODEL is refused before any work starts
         file_name = lora_file_name(lora_name or neutral_lora_name())
         path = loras_dir() / file_name
         check_writable(path, overwrite)  # refuse before any work starts
@@ -49,12 +50,14 @@ class IDDMTrain(io.ComfyNode):
             reference_set = face_crops(ref, detector, "reference")
             protection_set = face_crops(prot, detector, "protection")
             classes = comfy_to_engine(class_images) if class_images is not None else None
-            logging.info(f"[IDDM] training {file_name}: {config.iterations} iteration(s), "
-                         f"{total_steps(config)} steps, {len(reference_set)} reference + "
-                         f"{len(protection_set)} protection photos at {resolution} px")
             denoiser = ComfyDenoiser(model, clip, vae, rank=config.rank, lora_alpha=config.lora_alpha,
                                      seed=config.seed, mixed_precision=config.mixed_precision,
                                      gradient_checkpointing=config.gradient_checkpointing)
+            logging.info(f"[IDDM] training {file_name}: {config.iterations} iteration(s), "
+                         f"{total_steps(config)} steps, {len(reference_set)} reference + "
+                         f"{len(protection_set)} protection photos at {resolution} px; "
+                         f"{denoiser.schedule.prediction_type} model computing in "
+                         f"{_dtype_name(denoiser.compute_dtype)}, its VAE in {_dtype_name(denoiser.vae_compute_dtype)}")
             try:
                 result = train_on_photos(
                     denoiser, reference_set, protection_set, config, weights_dir=recognizer_dir(),
@@ -79,6 +82,10 @@ def chart_figures(report: dict) -> dict:
     return {"iterations": [{k: record.get(k, []) for k in ("stage1_loss", "stage2_score", "ft_loss")}
                            for record in report.get("iterations", [])],
             "decoupled": report.get("decoupled", {})}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _square_side(images, which: str, expected: int | None = None) -> int:

@@ -10,8 +10,10 @@ uninitialized memory) and filled with seeded random weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,10 +21,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator, Mapping, Sequence
 
 import pytest
 
 CHECKPOINT_NAME = "iddm_tiny_sd15.safetensors"
+REPO = Path(__file__).resolve().parents[1]
 
 # Runs inside ComfyUI's interpreter with the checkout on sys.path; argv[1] = output file.
 _BUILD_SCRIPT = r'''
@@ -119,12 +123,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ComfyServer:
-    """`python main.py --cpu --listen 127.0.0.1 --port P` in the background, with its log kept."""
+def run_comfy_script(script: Path, *args: str, flags: Sequence[str] = (), timeout: float = 1800) -> dict:
+    """Run a script of tests/comfyui under ComfyUI's Python, started with ComfyUI's `flags` (see
+    tests/comfyui/comfy_process.py); returns the JSON line it printed last."""
+    result = subprocess.run([comfyui_python(), str(script), *map(str, args), "--", *flags],
+                            cwd=comfyui_path(), capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONPATH": str(comfyui_path())})
+    assert result.returncode == 0, f"{script.name} {' '.join(flags)}:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
-    def __init__(self, root: Path, log_path: Path, port: int | None = None) -> None:
+
+@contextlib.contextmanager
+def linked_into_custom_nodes(root: Path, packs: Mapping[str, Path]) -> Iterator[None]:
+    """Each pack linked as custom_nodes/<name> for the duration (a link already there to the same
+    folder is kept; another copy of the pack there skips the test)."""
+    made = []
+    try:
+        for name, folder in packs.items():
+            link = root / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(folder, target_is_directory=True)
+                made.append(link)
+            elif link.resolve() != Path(folder).resolve():
+                pytest.skip(f"{link} is another copy of {name}; link {folder} there to test it")
+        yield
+    finally:
+        for link in made:
+            link.unlink()
+
+
+@contextlib.contextmanager
+def pack_server(log_dir: Path, photos: str, lora_prefix: str, flags: Sequence[str] = (),
+                packs: Mapping[str, Path] | None = None) -> Iterator["ComfyServer"]:
+    """A running server with this checkout linked as custom_nodes/comfyui-iddm (and `packs`), the tiny
+    checkpoint, and face photos in input/<photos>; afterwards the photos and the LoRAs named
+    <lora_prefix>* are removed and the links undone."""
+    root = comfyui_path()
+    with linked_into_custom_nodes(root, {"comfyui-iddm": REPO, **(packs or {})}):
+        ensure_tiny_checkpoint(root)
+        folder = root / "input" / photos
+        make_face_photos(folder)
+        server = ComfyServer(root, log_dir / "server.log", flags=flags)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+            for lora in loras(lora_prefix):
+                lora.unlink()
+
+
+class ComfyServer:
+    """`python main.py --cpu --listen 127.0.0.1 --port P [flags]` in the background, with its log kept."""
+
+    def __init__(self, root: Path, log_path: Path, port: int | None = None, flags: Sequence[str] = ()) -> None:
         self.root, self.log_path = root, log_path
         self.port = port or free_port()
+        self.flags = list(flags)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -132,7 +188,7 @@ class ComfyServer:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch"], cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+             "--disable-auto-launch", *self.flags], cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -188,6 +244,22 @@ class ComfyServer:
 
 def status_messages(entry: dict) -> list:
     return entry.get("status", {}).get("messages", [])
+
+
+def loras(prefix: str) -> list[Path]:
+    """The LoRA files in ComfyUI's models/loras whose names start with prefix."""
+    return sorted((comfyui_path() / "models" / "loras").glob(prefix + "*"))
+
+
+def execution_errors(entry: dict) -> list[dict]:
+    return [m[1] for m in status_messages(entry) if m[0] == "execution_error"]
+
+
+def run_graph(server: ComfyServer, graph: dict, timeout: float = 1500) -> dict:
+    """Queue an API graph, wait, and return its /history entry; it must have succeeded."""
+    entry = server.wait(server.queue(graph), timeout)
+    assert entry["status"]["status_str"] == "success", json.dumps(execution_errors(entry))[:4000]
+    return entry
 
 
 def make_face_photos(folder: Path, count: int = 6) -> list[Path]:

@@ -27,42 +27,17 @@ import workflow_graphs as wg  # noqa: E402
 
 ROOT = cf.comfyui_path()
 pytestmark = cf.comfyui_marks("run the tests against a real ComfyUI server")
-REPO = Path(__file__).resolve().parents[2]
 RUN = uuid.uuid4().hex[:6]  # keeps this run's LoRAs and photo folder apart from anything else
 PHOTOS = f"iddm_it_{RUN}"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    link = ROOT / "custom_nodes" / "comfyui-iddm"
-    made_link = not link.exists()
-    if made_link:
-        link.symlink_to(REPO, target_is_directory=True)
-    elif link.resolve() != REPO:
-        pytest.skip(f"{link} is another copy of the pack; link this checkout there to test it")
-    cf.ensure_tiny_checkpoint(ROOT)
-    photos = ROOT / "input" / PHOTOS
-    cf.make_face_photos(photos)
-    server = cf.ComfyServer(ROOT, tmp_path_factory.mktemp("comfy") / "server.log")
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(photos, ignore_errors=True)
-    for lora in (ROOT / "models" / "loras").glob(f"iddm_test_{RUN}*"):
-        lora.unlink()
-    if made_link:
-        link.unlink()
+    with cf.pack_server(tmp_path_factory.mktemp("comfy"), PHOTOS, f"iddm_test_{RUN}") as server:
+        yield server
 
 
-def run(server: cf.ComfyServer, graph: dict, timeout: float = 1500) -> dict:
-    entry = server.wait(server.queue(graph), timeout)
-    errors = [m[1] for m in cf.status_messages(entry) if m[0] == "execution_error"]
-    assert entry["status"]["status_str"] == "success", json.dumps(errors)[:4000]
-    return entry
-
-
-def loras(prefix: str) -> list[Path]:
-    return sorted((ROOT / "models" / "loras").glob(prefix + "*"))
+run, loras = cf.run_graph, cf.loras
 
 
 def test_pack_loads_without_errors_and_declares_its_nodes(server):
@@ -208,7 +183,7 @@ def test_cancelled_training_resumes_from_its_last_finished_iteration(server):
     assert not loras(f"iddm_test_{RUN}_resume") and state.is_dir()
 
     entry = server.wait(server.queue(graph), 600)  # resume off: refused, the saved work kept
-    errors = json.dumps([m[1] for m in cf.status_messages(entry) if m[0] == "execution_error"])
+    errors = json.dumps(cf.execution_errors(entry))
     assert "unfinished run" in errors and "resume" in errors and state.is_dir()
 
     train["inputs"]["resume"] = True

@@ -14,18 +14,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from comfyui_fixtures import (ComfyServer, comfyui_marks, comfyui_path, ensure_tiny_checkpoint,
-                              make_face_photos, status_messages, tiny_run)
+from comfyui_fixtures import (REPO, ComfyServer, comfyui_marks, comfyui_path, ensure_tiny_checkpoint,
+                              linked_into_custom_nodes, make_face_photos, status_messages, tiny_run)
 
 COMFYUI = comfyui_path()
 pytestmark = comfyui_marks("run the privacy tests against a real ComfyUI")
 
-REPO = Path(__file__).resolve().parents[2]
 PORT = int(os.environ.get("IDDM_PRIVACY_TEST_PORT", "8190"))
 FOLDER = "set_q7"  # the relative name typed into the graph
 NO_FACES = "set_q7_nofaces"  # photos without a face: the node fails, and says so
@@ -50,10 +48,13 @@ def server(tmp_path_factory):
     os.environ[ENV_ROOT] = str(root)  # the server inherits it
     server = ComfyServer(COMFYUI, tmp_path_factory.mktemp("log") / "comfyui.log", PORT)
     try:
-        server.start()
-        yield server, root, photos
+        with linked_into_custom_nodes(COMFYUI, {"comfyui-iddm": REPO}):
+            try:
+                server.start()
+                yield server, root, photos
+            finally:
+                server.stop()
     finally:
-        server.stop()
         if previous is None:
             os.environ.pop(ENV_ROOT, None)
         else:
