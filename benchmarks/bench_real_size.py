@@ -126,6 +126,7 @@ def child(args: argparse.Namespace) -> dict:
             raise
         return {**figures, "out_of_memory": str(error).strip().splitlines()[0][:300]}
     return {**figures, "training_adds_gib": round(peak.added_gib, 3), "peak_gib": round(peak.peak / GIB, 3),
+            "phase_adds_gib": peak.phase_added_gib(),
             "seconds": step_seconds(timed.phase_seconds, config.ft_steps),
             "cpu_seconds": step_seconds(timed.phase_cpu_seconds, config.ft_steps), "seconds_total": round(timed.seconds, 1),
             "cpu_seconds_total": round(timed.cpu_seconds, 1)}
@@ -155,7 +156,8 @@ def default_memory_limit() -> float:
 
 
 def print_table(report: dict) -> None:
-    print(f"machine: {report['machine']}, torch threads {report['threads']}, device {report['device']}")
+    print(f"machine: {report['machine']}, torch threads {report['threads']}, device {report['device']}"
+          + (f", memory limit per case {report['memory_limit_gib']} GiB" if report["memory_limit_gib"] else ""))
     print(f"IDDMConfig of the cases (dtype, pgd_batch, gradient_checkpointing vary): {report['config']}")
     print("seconds per step: wall (CPU, all threads)")
     print(f"{'dtype':6}{'pgd_batch':>10}{'ckpt':>6}{'weights GiB':>13}{'training adds GiB':>19}"
@@ -168,6 +170,11 @@ def print_table(report: dict) -> None:
         steps = "".join(f"{c['seconds'][p]:>8.1f} ({c['cpu_seconds'][p]:>4.0f})" for p in ("ft", "stage1", "stage2"))
         print(f"{head}{c['weights_gib']:>13.2f}{c['training_adds_gib']:>19.2f}{steps}{c['seconds_total']:>9.0f}"
               f"  {c['compute_dtype']} (UNet weights {c['unet_weights_dtype']})")
+    print("what training adds, by phase (GiB; the first fine-tune step also encodes the reference photos):")
+    for c in report["cases"]:
+        if "phase_adds_gib" in c:
+            print(f"  {c['dtype']},{c['pgd_batch']},{'on' if c['gradient_checkpointing'] else 'off'}: "
+                  + ", ".join(f"{phase} {gib:.2f}" for phase, gib in c["phase_adds_gib"].items()))
     default = next((c for c in report["cases"] if "training_adds_gib" in c and c["dtype"] == "bf16"
                     and c["pgd_batch"] == 1 and c["gradient_checkpointing"]), None)
     if default is not None:
@@ -201,6 +208,7 @@ def main() -> None:
     subprocess.run([sys.executable, str(Path(__file__).with_name("real_size_model.py")), "--cache", str(args.cache)],
                    check=True, stdout=subprocess.DEVNULL)
     report = {"machine": machine(), "threads": args.threads, "device": args.device,
+              "memory_limit_gib": args.memory_limit if args.device == "cpu" else None,
               "config": DEFAULT_CASE.config(args.resolution).to_dict(),
               "photos": {"reference": args.photos, "protection": args.photos},
               "cases": [run_case(case, args) for case in ([DEFAULT_CASE] if args.quick else args.case or all_cases())]}

@@ -86,27 +86,41 @@ def load_photos(count: int, resolution: int, photos_dir: Path | None = None, ref
 
 
 class TrainingPeak:
-    """Peak memory from construction to the run's last training step, over the use at construction.
-    Pass `on_progress` to the run; the evaluation after training is not counted."""
+    """Peak memory from construction to the run's last training step, over the use at construction,
+    overall and per phase (the peak is reset after every step). Pass `on_progress` to the run; the
+    evaluation after training is not counted. CPU: resident set (a phase's figure includes what
+    earlier phases left in malloc's heap); CUDA: allocated tensors."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if self.cuda:
             torch.cuda.synchronize()
+        self.start = torch.cuda.memory_allocated() if self.cuda else status_mb("VmRSS") * 2 ** 20
+        self.phase_peaks: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
         else:
             reset_peak_rss()
-            self.start = status_mb("VmRSS") * 2 ** 20
-        self.peak: float | None = None
 
     def on_progress(self, event) -> None:
-        if event.done == event.total:
-            self.peak = torch.cuda.max_memory_allocated() if self.cuda else status_mb("VmHWM") * 2 ** 20
+        peak = torch.cuda.max_memory_allocated() if self.cuda else status_mb("VmHWM") * 2 ** 20
+        self.phase_peaks[event.phase] = max(self.phase_peaks.get(event.phase, 0.0), peak)
+        if event.done < event.total:
+            self._reset()
+
+    @property
+    def peak(self) -> float:
+        return max(self.phase_peaks.values())
 
     @property
     def added_gib(self) -> float:
         return (self.peak - self.start) / GIB
+
+    def phase_added_gib(self) -> dict[str, float]:
+        return {phase: round((peak - self.start) / GIB, 3) for phase, peak in self.phase_peaks.items()}
 
 
 @dataclass

@@ -53,6 +53,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else status_mb("VmHWM") / 1024
 
 
+def device_figures(device: torch.device) -> dict:
+    """Asked in a part, never in the parent: a CUDA context there would hold memory the parts need."""
+    if device.type != "cuda":
+        return {"device": "cpu"}
+    return {"device": torch.cuda.get_device_name(device),
+            "device_memory_gib": round(torch.cuda.get_device_properties(device).total_memory / GIB, 1),
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3)}
+
+
 def diffusers_door(args: argparse.Namespace) -> dict:
     """The CLI's path, as `iddm train PHOTOS --base FILE --config-dir DIR` runs it."""
     from comfyui_iddm.pipeline import FolderOutputs, train_folder
@@ -69,7 +78,8 @@ def diffusers_door(args: argparse.Namespace) -> dict:
                               config_dir=str(built.config_dir))
         seconds = time.perf_counter() - started
     return {"config": config.to_dict(), "seconds_per_identity": round(seconds, 1),
-            "training_seconds": result.report["seconds_total"], "peak_gib": round(peak_memory_gib(device), 3)}
+            "training_seconds": result.report["seconds_total"], "peak_gib": round(peak_memory_gib(device), 3),
+            **device_figures(device)}
 
 
 def precision_agreement(args: argparse.Namespace) -> dict:
@@ -129,8 +139,7 @@ def comfyui_door(args: argparse.Namespace) -> dict:
         finally:
             denoiser.release()
     return {"config": config.to_dict(), "training_seconds": round(timed.seconds, 1),
-            "peak_gib": round(peak_memory_gib(denoiser.device), 3),
-            "training_adds_gib": round(peak.added_gib, 3)}
+            "peak_gib": round(peak.peak / GIB, 3), "training_adds_gib": round(peak.added_gib, 3), **device_figures(denoiser.device)}
 
 
 def run_part(part: str, args: argparse.Namespace, forwarded: list[str]) -> dict:
@@ -155,7 +164,8 @@ def describe(part: str, figures: dict, memory: str) -> list[str]:
         return [f"  FAILED: {figures['failed']}"]
     if part == "precision":
         return [f"  {json.dumps(row)}" for row in figures["agreement"]]
-    lines = [f"  training: {figures['training_seconds']} s, peak {memory}: {figures['peak_gib']} GiB"]
+    lines = [f"  training: {figures['training_seconds']} s, peak {memory}: {figures['peak_gib']} GiB"
+             + (f" ({figures['reserved_gib']} GiB reserved by torch's allocator)" if "reserved_gib" in figures else "")]
     if "seconds_per_identity" in figures:
         lines.insert(0, f"  seconds per identity: {figures['seconds_per_identity']} (model loading, face "
                         "detection and writing included)")
@@ -185,8 +195,7 @@ def main() -> None:
     from bench_load import write_sample_photos
 
     ensure_model(args.cache, SHAPES[args.size])  # once, before the parts (each loads it)
-    report = {"machine": machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "model": SHAPES[args.size].name}
+    report = {"machine": machine(), "model": SHAPES[args.size].name}
     # Written here, read by every part: ComfyUI's Python need not have the package the sample ships in.
     with tempfile.TemporaryDirectory() as photos_dir:
         write_sample_photos(Path(photos_dir), 2 * args.photos, PHOTO_SIDE)
@@ -198,8 +207,8 @@ def main() -> None:
         print(json.dumps(report))
         return
     memory = "VRAM (tensors)" if args.device == "cuda" else "RSS"
-    print(f"GPU check on {report['machine']}; device {report['device']}; model {report['model']} "
-          "(SD 1.5 architecture, random weights, original single-file layout)")
+    print(f"GPU check on {report['machine']}; device {report['diffusers'].get('device', args.device)}; model "
+          f"{report['model']} (SD 1.5 architecture, random weights, original single-file layout)")
     config = report["diffusers"].get("config")
     if config:
         print(f"schedule: K={config['iterations']}, T={config['pgd_steps']}, rho {config['rho']}, ft_steps "
