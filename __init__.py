@@ -35,7 +35,7 @@ def _import_engine() -> None:
 
 
 def _install_hint(error: BaseException) -> str:
-    missing = getattr(error, "name", None)
+    missing = error.name if isinstance(error, ModuleNotFoundError) else None  # (NameError has .name too)
     requirements = PACK_DIR / "requirements.txt"
     if missing:
         return (f"the Python package '{missing}' is missing; install the pack's requirements with "
@@ -76,7 +76,9 @@ if ComfyExtension is not None:
                 _import_engine()
                 from comfyui_iddm.allocator import keep_freed_memory, wanted_in_shared_process
                 from .nodes.places import register_model_folders
+                from .nodes.served import confine_model_previews
                 register_model_folders()
+                confine_model_previews()  # ComfyUI 0.3.64 serves any readable image as a model preview
                 if wanted_in_shared_process() and keep_freed_memory():  # opt-in: ComfyUI's process is shared
                     LOG.info("[IDDM] IDDM_MALLOC_POLICY=keep: malloc keeps freed memory (faster CPU training)")
             except Exception as error:

@@ -3,9 +3,14 @@
 Every value typed into a ComfyUI node travels with the workflows people share, is kept in the
 server's /history, and is written into the metadata of each image the stock Save Image node saves.
 So the photo folder is chosen by a name RELATIVE to a private-photos root that is configured once on
-this machine (ComfyUI's input folder unless the environment variable IDDM_PRIVATE_ROOT or the
-settings file says otherwise). Absolute paths and `..` are refused. Messages never print the root's
-absolute path either: they end up in /history and the server log, which others may read.
+this machine. Absolute paths and `..` are refused. Messages never print the root's absolute path
+either: they end up in /history and the server log, which others may read.
+
+The default root is a per-user data folder outside ComfyUI (default_root): ComfyUI serves its input/,
+output/ and temp/ folders (/view) and its user folder (/userdata) to anyone who can reach the server,
+and lists the files of its model and custom_nodes folders (/models/...), so photos must live in none
+of them. $IDDM_PRIVATE_ROOT or the settings file may point elsewhere; a root that ComfyUI serves is
+still used (the user chose it) but reported (served_by).
 
 LoRA file names travel the same way, so the default name is neutral: iddm_<YYYYMMDD>_<6 hex>.
 """
@@ -19,12 +24,14 @@ import sys
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path, PurePosixPath
-from typing import Mapping
+from typing import Iterable, Mapping
 
 ENV_ROOT = "IDDM_PRIVATE_ROOT"
 SETTINGS_KEY = "private_root"
 SETTINGS_NAME = "settings.json"
 APP_DIR = "comfyui-iddm"
+PHOTOS_DIR = "photos"
+LIST_DEPTH = 3  # folder levels listed below the root (a root set to a large tree stays quick to list)
 
 NEUTRAL_LORA = re.compile(r"iddm_\d{8}_[0-9a-f]{6}")
 LORA_SUFFIX = ".safetensors"
@@ -38,6 +45,7 @@ class PrivatePathError(ValueError):
 class PrivateRoot:
     path: Path
     described: str  # where it comes from, in words, without the absolute path
+    is_default: bool = False
 
 
 def settings_file(environ: Mapping[str, str] | None = None) -> Path:
@@ -89,10 +97,53 @@ def _checked_root(value: str, described: str) -> PrivateRoot:
     return PrivateRoot(path, described)
 
 
-def private_root(default: Path, environ: Mapping[str, str] | None = None,
-                 settings: Path | None = None) -> PrivateRoot:
-    """The configured root, else `default` (ComfyUI's input folder, given by the caller)."""
-    return configured_root(environ, settings) or PrivateRoot(Path(default), "ComfyUI's input folder")
+def default_root(environ: Mapping[str, str] | None = None) -> Path:
+    """<user data dir>/comfyui-iddm/photos: $XDG_DATA_HOME (~/.local/share) on Linux, Application
+    Support on macOS, %LOCALAPPDATA% on Windows (local, not roaming: photos stay on this machine)."""
+    env = os.environ if environ is None else environ
+    return _data_base(env) / APP_DIR / PHOTOS_DIR
+
+
+def _data_base(env: Mapping[str, str]) -> Path:
+    if sys.platform == "win32":
+        return Path(env["LOCALAPPDATA"]) if env.get("LOCALAPPDATA") else Path.home() / "AppData" / "Local"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support"
+    return Path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else Path.home() / ".local" / "share"
+
+
+def _default_where(path: Path) -> str:
+    """The default root in words that hold no account name: ~/... or the variable it comes from."""
+    where = shown(path)
+    if where.startswith("~/"):
+        return where
+    if sys.platform == "win32":
+        return rf"%LOCALAPPDATA%\{APP_DIR}\{PHOTOS_DIR}"
+    return f"$XDG_DATA_HOME/{APP_DIR}/{PHOTOS_DIR}"
+
+
+def default_private_root(environ: Mapping[str, str] | None = None) -> PrivateRoot:
+    """The root used when none is configured (it may not exist yet: ensure_default_root)."""
+    path = default_root(environ)
+    return PrivateRoot(path, f"the default root, {_default_where(path)}", is_default=True)
+
+
+def private_root(environ: Mapping[str, str] | None = None, settings: Path | None = None) -> PrivateRoot:
+    """The configured root, else the default one."""
+    return configured_root(environ, settings) or default_private_root(environ)
+
+
+def ensure_default_root(root: PrivateRoot) -> bool:
+    """Creates the default root, readable by this account only; True when it was created now."""
+    if not root.is_default or root.path.is_dir():
+        return False
+    root.path.mkdir(parents=True, mode=0o700)
+    return True
+
+
+def how_to_add_folder(root: PrivateRoot) -> str:
+    return (f"put the person's photos in a folder of their own inside {root.described} (any name that "
+            "does not name the person), then refresh the node list (press R) and pick it.")
 
 
 def how_to_configure(environ: Mapping[str, str] | None = None) -> str:
@@ -122,26 +173,57 @@ def relative_folder(name: str, root: PrivateRoot) -> PurePosixPath:
     return relative
 
 
-def resolve_private_folder(name: str, default_root: Path, environ: Mapping[str, str] | None = None,
-                           settings: Path | None = None) -> Path:
-    """The folder `name` inside the private-photos root; refuses paths, `..` and missing folders."""
-    root = private_root(default_root, environ, settings)
-    folder = root.path / relative_folder(name, root)
-    if not folder.is_dir():
-        raise PrivatePathError(f"there is no folder {name!r} inside your private-photos root "
-                               f"({root.described}); create it and put the photos there, or pick an "
-                               "existing folder from the list.")
-    return folder
+def resolve_private_folder(name: str, environ: Mapping[str, str] | None = None,
+                           settings: Path | None = None, served: Iterable[tuple[str, Path]] = ()) -> Path:
+    """The folder `name` inside the private-photos root; refuses paths, `..` and missing folders.
+    `served`: (name, folder) of places a server publishes; a missing folder found in one of them
+    (e.g. photos left in ComfyUI's input folder) is not used, and the message says what to do."""
+    root = private_root(environ, settings)
+    relative = relative_folder(name, root)
+    folder = root.path / relative
+    if folder.is_dir():
+        return folder
+    missing = f"there is no folder {name!r} inside your private-photos root ({root.described})"
+    for where, place in served:
+        if holds_images(Path(place) / relative):
+            raise PrivatePathError(
+                f"{missing}, but there is one in {where}, which anyone who can reach this server can "
+                f"download. Move it into {root.described} (recommended); to keep using it where it "
+                f"is, point {ENV_ROOT} at that folder on purpose (the node then warns on every run).")
+    raise PrivatePathError(f"{missing}; {how_to_add_folder(root)}")
 
 
 def list_private_folders(root: Path) -> list[str]:
-    """Every folder under `root` by its relative name ('a', 'a/b'), hidden ones left out."""
+    """The folders under `root` that hold images, by relative name ('a', 'a/b'), down to LIST_DEPTH
+    levels; hidden ones left out."""
     root = Path(root)
     found = []
     for current, dirs, _ in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend((Path(current) / d).relative_to(root).as_posix() for d in dirs)
+        depth = len(Path(current).relative_to(root).parts)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < LIST_DEPTH else []
+        if depth and holds_images(Path(current)):
+            found.append(Path(current).relative_to(root).as_posix())
     return sorted(found)
+
+
+def holds_images(folder: Path) -> bool:
+    """Whether `folder` holds an image file (not counting hidden files or subfolders)."""
+    from .photos import IMAGE_SUFFIXES
+
+    try:
+        return any(e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in IMAGE_SUFFIXES
+                   for e in os.scandir(folder))
+    except OSError:  # missing or unreadable
+        return False
+
+
+def served_by(folder: Path, served: Iterable[tuple[str, Path]]) -> str | None:
+    """The name of the first of `served` ((name, folder) a server publishes) that holds `folder`."""
+    real = Path(os.path.realpath(folder))
+    for name, place in served:
+        if real.is_relative_to(os.path.realpath(place)):
+            return name
+    return None
 
 
 def neutral_lora_name(today: date | None = None) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -92,6 +93,21 @@ def numbered_message(message: str, folder, name: str) -> str:
     for file_name, label in sorted(names, key=lambda pair: -len(pair[0])):  # longest first
         message = message.replace(file_name, label)
     return message
+
+
+def relative_names(text: str, names: Sequence[tuple[str, str]]) -> str:
+    """`text` with each absolute folder of `names` ((folder, how to name it)) replaced by its name,
+    the longest (most specific) folder first, so that /base/models/loras/x reads models/loras/x."""
+    forms: dict[str, str] = {}
+    for folder, name in names:
+        for form in (str(folder), os.path.realpath(folder)):
+            form = form.rstrip("/\\")
+            if form:  # never the file-system root
+                forms.setdefault(form, name)
+    for folder in sorted(forms, key=len, reverse=True):
+        # only whole folder names: /base does not match /base-2 or /base.old
+        text = re.sub(re.escape(folder) + r"(?![\w-]|\.[\w-])", lambda _: forms[folder], text)
+    return text
 
 
 def figures_json(report: Mapping[str, Any]) -> str:

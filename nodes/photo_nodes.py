@@ -1,12 +1,15 @@
 """IDDM Load Private Photos and IDDM Split Reference / Protection."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
 from . import spec
 from .convert import comfy_to_engine, engine_to_comfy, numbered_message, photo_report
 from .places import OPTION_SOURCES, photo_folder
+from .served import comfy_relative_errors, served_warning
 from .schema import build_schema
 
 
@@ -27,23 +30,33 @@ class IDDMLoadPrivatePhotos(io.ComfyNode):
         return build_schema(spec.LOAD_PHOTOS, OPTION_SOURCES)
 
     @classmethod
-    def validate_inputs(cls, folder: str) -> bool | str:
-        # Checked at run time with a message that explains the private-photos root, and not at
-        # all when images are connected instead (the folder list may then be empty).
+    def validate_inputs(cls, folder: str, input_types: dict | None = None) -> bool | str:
+        # When the graph is queued: a folder that cannot be read says why and how to add one,
+        # unless images are connected instead (the folder is then not read).
+        from comfyui_iddm.private_root import PrivatePathError
+        if "images" in (input_types or {}) or folder is None:  # None: the folder comes from a link
+            return True
+        try:
+            photo_folder(folder)
+        except PrivatePathError as error:
+            return str(error)
         return True
 
     @classmethod
+    @comfy_relative_errors
     def execute(cls, folder: str, resolution: int, face_detector: str, show_file_names: bool = False,
                 images=None) -> io.NodeOutput:
-        from comfyui_iddm.photos import load_photo_folder, photoset_from_images
-
-        from comfyui_iddm.photos import PhotoError
+        from comfyui_iddm.photos import PhotoError, load_photo_folder, photoset_from_images
 
         detector = load_face_detector(face_detector)
+        warning = None
         if images is not None:
             photos = photoset_from_images(comfy_to_engine(images), resolution, detector)
         else:
             path = photo_folder(folder)
+            warning = served_warning(path)
+            if warning:
+                logging.warning(f"[IDDM] {warning}")
             try:
                 photos = load_photo_folder(path, resolution, detector)
             except PhotoError as error:  # ComfyUI keeps the message in /history and its log
@@ -53,8 +66,8 @@ class IDDMLoadPrivatePhotos(io.ComfyNode):
         if len(photos) == 0:
             report = photo_report(0, photos.issues, show_file_names)
             raise ValueError("no usable photo: " + report.replace("\n", "; "))
-        return io.NodeOutput(engine_to_comfy(photos.images),
-                             photo_report(len(photos), photos.issues, show_file_names))
+        report = photo_report(len(photos), photos.issues, show_file_names)
+        return io.NodeOutput(engine_to_comfy(photos.images), f"{warning}\n{report}" if warning else report)
 
 
 class IDDMSplitReferenceProtection(io.ComfyNode):
@@ -63,6 +76,7 @@ class IDDMSplitReferenceProtection(io.ComfyNode):
         return build_schema(spec.SPLIT, OPTION_SOURCES)
 
     @classmethod
+    @comfy_relative_errors
     def execute(cls, photos, reference_count: int, mode: str, seed: int) -> io.NodeOutput:
         from comfyui_iddm.photos import PhotoSet, split_photos
 

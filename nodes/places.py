@@ -6,6 +6,7 @@ from pathlib import Path
 
 import folder_paths
 
+from .served import served_folders
 from .spec import LORA_FILES, PHOTO_FOLDERS, RECOGNIZER_CHOICES
 
 RECOGNIZER_FOLDER = "facerecognition"
@@ -31,20 +32,34 @@ def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+NO_FOLDER_CHOICE = "(no photo folder"  # how the list's only entry starts while there is none
+
+
 def photo_folder(name: str) -> Path:
     """A folder of photos by its name relative to the private-photos root (never a path, which
     would travel with every shared workflow and saved image)."""
-    from comfyui_iddm.private_root import resolve_private_folder
-    return resolve_private_folder(name, Path(folder_paths.get_input_directory()))
+    from comfyui_iddm.private_root import PrivatePathError, how_to_add_folder, private_root, resolve_private_folder
+    if name.startswith(NO_FOLDER_CHOICE):
+        raise PrivatePathError(f"no photo folder chosen: {how_to_add_folder(private_root())}")
+    return resolve_private_folder(name, served=served_folders())
+
+
+def no_photo_folder_choice(problem: str) -> str:
+    """The one entry of the folder list while there is no photo folder to pick: says why or what to do."""
+    return f"{NO_FOLDER_CHOICE}{problem})"
 
 
 def _photo_folders() -> list[str]:
-    from comfyui_iddm.private_root import list_private_folders, private_root
+    from comfyui_iddm.private_root import ensure_default_root, list_private_folders, private_root
     try:
-        return list_private_folders(private_root(Path(folder_paths.get_input_directory())).path)
-    except ValueError as error:  # a misconfigured root: say so at run time, keep the UI working
+        root = private_root()
+        if ensure_default_root(root):  # first use: made readable by this account only
+            logging.info(f"[IDDM] made {root.described} for private photos (ComfyUI does not serve "
+                         "it): put each person's photos in a folder of their own inside it.")
+        return list_private_folders(root.path) or [no_photo_folder_choice(f" yet: add one to {root.described}")]
+    except ValueError as error:  # a misconfigured root: say so in the list and at run time
         logging.warning(f"[IDDM] private-photos root: {error}")
-        return []
+        return [no_photo_folder_choice(f": {error}")]
 
 
 def _lora_files() -> list[str]:

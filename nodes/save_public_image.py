@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import spec
+from .served import comfy_relative_errors
 from .places import OPTION_SOURCES
 from .schema import build_schema
 
@@ -14,6 +15,7 @@ class IDDMSavePublicImage(io.ComfyNode):
         return build_schema(spec.SAVE_PUBLIC_IMAGE, OPTION_SOURCES)
 
     @classmethod
+    @comfy_relative_errors
     def execute(cls, images, filename_prefix: str, format: str, quality: int) -> io.NodeOutput:
         from pathlib import Path
 

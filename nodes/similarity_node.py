@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from . import spec
 from .annotate import labelled_grid
 from .convert import comfy_to_engine, engine_to_comfy
+from .served import comfy_relative_errors
 from .places import OPTION_SOURCES, recognizer_dir
 from .schema import build_schema
 
@@ -21,6 +22,7 @@ class IDDMIdentitySimilarity(io.ComfyNode):
         return build_schema(spec.SIMILARITY, OPTION_SOURCES)
 
     @classmethod
+    @comfy_relative_errors
     def execute(cls, generated, reference, recognizer: str, lora=None) -> io.NodeOutput:
         import comfy.model_management as mm
         from comfyui_iddm.faces.detect import load_detector

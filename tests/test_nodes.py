@@ -18,6 +18,7 @@ convert = pack_nodes.load("convert")
 
 NODE_IDS = ["IDDMLoadPrivatePhotos", "IDDMSplitReferenceProtection", "IDDMTrain",
             "IDDMIdentitySimilarity", "IDDMLoadProtectedLoRA"]
+TRAIN_PORTS = spec.TRAIN.inputs + spec.TRAIN_OPTIONS.inputs  # IDDM Train and its options node
 
 
 def test_node_ids_are_the_stable_ones_workflows_depend_on():
@@ -36,7 +37,7 @@ def test_every_input_and_output_explains_itself_to_a_newcomer():
 
 def test_knob_tooltips_and_defaults_come_from_the_engine_config():
     defaults = IDDMConfig()
-    for port in spec.TRAIN.inputs:
+    for port in TRAIN_PORTS:
         if port.name in KNOBS:
             assert port.tooltip == KNOBS[port.name].help
             expected = getattr(defaults, port.name)
@@ -45,14 +46,14 @@ def test_knob_tooltips_and_defaults_come_from_the_engine_config():
             assert port.default == expected, port.name
 
 
-def test_train_node_exposes_every_knob_except_the_ones_the_door_decides():
+def test_train_nodes_expose_every_knob_except_the_ones_the_door_decides():
     fields = {f.name for f in dataclasses.fields(IDDMConfig)}
     # resolution is the size of the incoming crops.
     assert set(spec.train_config_names()) == fields - {"resolution"}
 
 
 def test_train_node_defaults_make_a_valid_config():
-    values = {p.name: p.default for p in spec.TRAIN.inputs if p.name in spec.train_config_names()}
+    values = {p.name: p.default for p in TRAIN_PORTS if p.name in spec.train_config_names()}
     config = IDDMConfig(resolution=512, **values)
     assert config.rho == 0.3 and config.recognizers == ("auto",) and config.stage2_timesteps == (0, 200)
 
@@ -70,7 +71,7 @@ def test_widget_defaults_lie_inside_their_own_limits():
 
 def test_open_lower_limits_stay_above_zero():
     for name in ("tau", "pgd_alpha", "lr", "lora_alpha"):
-        port = spec.TRAIN.input(name)
+        port = next(p for p in TRAIN_PORTS if p.name == name)
         assert port.min > 0
         IDDMConfig(**{name: port.min})  # the smallest value the widget allows is a valid config
 
@@ -187,3 +188,34 @@ def test_photo_errors_kept_by_comfyui_name_photos_by_number_and_no_root(tmp_path
     empty.mkdir()
     assert convert.numbered_message(f"photo folder {empty} holds no images", empty, "empty") \
         == "photo folder empty holds no images"
+
+
+def test_error_messages_name_comfyui_folders_relatively(tmp_path):
+    base = tmp_path / "ComfyUI"
+    models, home = base / "models", tmp_path / "home" / "anna"
+    root = tmp_path / "anna_photos"
+    (base / "input").mkdir(parents=True)
+    names = [(str(base), "ComfyUI"), (str(models), "models"), (str(base / "input"), "input"),
+             (str(tmp_path / "extra" / "loras"), "<loras folder>"), (str(root), "<private-photos root>"),
+             (str(home), "~")]
+    message = (f"{models}/loras/iddm_1.safetensors already exists; looked in {models}/facerecognition. "
+               f"{tmp_path}/extra/loras/x.safetensors; {root}/set_a/p.jpg; {home}/.cache/comfyui-iddm; "
+               f"{base}/custom_nodes/x.py; {base}-old/keep; {root}.")
+    assert convert.relative_names(message, names) == (
+        "models/loras/iddm_1.safetensors already exists; looked in models/facerecognition. "
+        "<loras folder>/x.safetensors; <private-photos root>/set_a/p.jpg; ~/.cache/comfyui-iddm; "
+        f"ComfyUI/custom_nodes/x.py; {base}-old/keep; <private-photos root>.")
+    link = tmp_path / "link"
+    link.symlink_to(base / "input")  # a folder named through a link reads the same
+    assert convert.relative_names(f"{base}/input/a.png", [(str(link), "input")]) == "input/a.png"
+
+
+def test_every_node_names_files_relatively_in_its_errors():
+    """ComfyUI keeps every node error in /history: each execute goes through comfy_relative_errors."""
+    import re
+    sources = {p.name: p.read_text() for p in (pack_nodes.REPO / "nodes").glob("*.py")}
+    executes = {name: re.findall(r"((?:\n    @\w+)*)\n    def execute\(", text) for name, text in sources.items()}
+    executes = {name: found for name, found in executes.items() if found}
+    assert len(executes) == 5 and sum(len(f) for f in executes.values()) >= 6
+    for name, decorators in executes.items():
+        assert all("@comfy_relative_errors" in d for d in decorators), name
