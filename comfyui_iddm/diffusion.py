@@ -61,6 +61,13 @@ class NoiseSchedule:
             return (z_t - s * model_output) / a
         return a * z_t - s * model_output
 
+    def predict_noise(self, z_t: Tensor, t: Tensor, model_output: Tensor) -> Tensor:
+        """The noise implied by the model output at (z_t, t): eps itself, or sqrt(a) v + sqrt(1-a) z_t."""
+        if self.prediction_type == "epsilon":
+            return model_output.float()
+        a, s = self.coefficients(t, z_t)
+        return a * model_output.float() + s * z_t.float()
+
     def ddim_step(self, z_t: Tensor, t: Tensor, t_prev: Tensor | None, model_output: Tensor) -> Tensor:
         """One deterministic DDIM step (eta 0) from t to t_prev < t: the predicted z0 re-noised with the
         noise the model output implies. t_prev None = the last step: the predicted z0 itself."""
