@@ -145,7 +145,7 @@ def test_the_regulariser_pulls_the_perturbation_towards_the_pairs():
 
 # --- weight files ------------------------------------------------------------------------------------
 def published_state() -> dict[str, torch.Tensor]:
-    """A state dict in the authors' published layout; torch.empty keeps 340 M parameters cheap."""
+    """A state dict in the authors' published layout; torch.empty keeps 338 M parameters cheap."""
     layout = published_layout()
     state = {k: torch.empty(shape) for k, shape in layout.items()}
     state["pos_embed"] = sincos_positions(layout["pos_embed"][2], 32, 32)[None]
