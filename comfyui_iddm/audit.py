@@ -51,9 +51,12 @@ MAX_TEXT_BYTES = 64 * 1024 * 1024
 
 # UI-format workflows store widget values by position. Positions of the sensitive widgets of the
 # IDDM nodes (tests/test_audit.py checks them against nodes/spec.py) and the stock LoRA loaders.
-UI_SENSITIVE_WIDGETS = {"IDDMLoadPrivatePhotos": {0: "folder"}, "IDDMTrain": {16: "lora_name"},
+# IDDM Train's lora_name is widget 4, and 16 in graphs of pack 0.1 (whose widget 4 is a number).
+UI_SENSITIVE_WIDGETS = {"IDDMLoadPrivatePhotos": {0: "folder"}, "IDDMTrain": {4: "lora_name", 16: "lora_name"},
                         "IDDMLoadProtectedLoRA": {0: "lora_name"}, "LoraLoader": {0: "lora_name"},
                         "LoraLoaderModelOnly": {0: "lora_name"}}
+# Load Protected LoRA's list entry for "the connected LoRA" (nodes/spec.py CONNECTED_LORA): no name.
+CONNECTED_LORA = "(connected from IDDM Train)"
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -600,7 +603,7 @@ def _mark_ui(nodes: list, path: tuple, special: dict) -> None:
 
 def _sensitive(node_type: str, input_name: str, value: str) -> str | None:
     """The kind of finding a widget value is by its role in the graph (None: nothing special)."""
-    if not value.strip():
+    if not value.strip() or (node_type == "IDDMLoadProtectedLoRA" and value == CONNECTED_LORA):
         return None
     if node_type == "IDDMLoadPrivatePhotos" and input_name == "folder":
         return "private_folder"

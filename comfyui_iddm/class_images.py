@@ -37,7 +37,7 @@ CLI_HINTS = PriorHints(
     drop_images="drop --class-dir")
 NODE_HINTS = PriorHints(
     add_images="connect images of the class (e.g. generated with the class prompt) to class_images",
-    set_weight="set prior_weight above 0 (1.0 is DreamBooth's usual weight)",
+    set_weight="set prior_weight above 0 on IDDM Train Options (1.0 is DreamBooth's usual weight)",
     drop_images="disconnect class_images")
 
 

@@ -6,6 +6,7 @@ import json
 from comfy_api.latest import io
 
 from . import spec
+from .served import comfy_relative_errors
 from .places import OPTION_SOURCES
 from .schema import build_schema
 
@@ -17,10 +18,12 @@ class IDDMLoadProtectedLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name: str) -> bool | str:
-        # The list may be empty before the first training; a connected IDDM_LORA needs no file.
+        # Not the list check: a connected IDDM_LORA needs no file (its name may be the list entry that
+        # says so, or "" as graphs of pack 0.1 hold); a missing file is named at run time.
         return True
 
     @classmethod
+    @comfy_relative_errors
     def execute(cls, model, clip, lora_name: str, strength_model: float, strength_clip: float,
                 lora=None) -> io.NodeOutput:
         import comfy.sd
@@ -30,9 +33,9 @@ class IDDMLoadProtectedLoRA(io.ComfyNode):
         if lora is not None:
             state, metadata, name = lora.state, lora.metadata, lora.name
         else:
-            if not lora_name:
-                raise ValueError("no LoRA chosen: pick one from models/loras, or connect the 'lora' "
-                                 "output of IDDM Train.")
+            if lora_name in ("", spec.CONNECTED_LORA):
+                raise ValueError("no LoRA chosen: pick a file from models/loras in lora_name, or connect "
+                                 "the 'lora' output of IDDM Train to the 'lora' input.")
             state, metadata = load_lora(folder_paths.get_full_path_or_raise("loras", lora_name))
             name = lora_name
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state, strength_model, strength_clip)

@@ -5,13 +5,11 @@ from typing import Callable
 
 from comfy_api.latest import io
 
-from .spec import CATEGORY, IDDM_LORA, NodeSpec, Port
-
-IddmLoraType = io.Custom(IDDM_LORA)
+from .spec import CATEGORY, IDDM_LORA, IDDM_OPTIONS, NodeSpec, Port
 
 _SOCKETS = {
     "IMAGE": io.Image, "MODEL": io.Model, "CLIP": io.Clip, "VAE": io.Vae,
-    IDDM_LORA: IddmLoraType,
+    IDDM_LORA: io.Custom(IDDM_LORA), IDDM_OPTIONS: io.Custom(IDDM_OPTIONS),
 }
 
 
@@ -23,7 +21,8 @@ def build_schema(spec: NodeSpec, option_sources: dict[str, Callable[[], list[str
         description=spec.description,
         inputs=[_input(p, option_sources) for p in spec.inputs],
         outputs=[_output(p) for p in spec.outputs],
-        hidden=[io.Hidden.unique_id] if spec.hidden_unique_id else None,
+        hidden=[h for h, wanted in ((io.Hidden.unique_id, spec.hidden_unique_id),
+                                    (io.Hidden.prompt, spec.hidden_prompt)) if wanted] or None,
         is_output_node=spec.output_node,
     )
 
@@ -40,7 +39,7 @@ def _input(p: Port, option_sources: dict[str, Callable[[], list[str]]]):
     if p.type == "BOOLEAN":
         return io.Boolean.Input(p.name, default=p.default, **common)
     if p.type == "COMBO":
-        options = list(p.options) if not p.options_from else option_sources[p.options_from]()
+        options = list(p.options) + (option_sources[p.options_from]() if p.options_from else [])
         default = p.default if p.default in options else (options[0] if options else None)
         return io.Combo.Input(p.name, options=options, default=default, **common)
     return _SOCKETS[p.type].Input(p.name, **common)

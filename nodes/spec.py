@@ -14,14 +14,20 @@ from comfyui_iddm.precision import MIXED_PRECISION
 
 CATEGORY = "IDDM privacy"
 IDDM_LORA = "IDDM_LORA"  # custom type: a trained protected LoRA (weights + name + settings)
+IDDM_OPTIONS = "IDDM_OPTIONS"  # custom type: the settings of IDDM Train Options
 
 # Widget types carry a value in the graph; the rest are sockets (links between nodes).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # Combo lists filled from the ComfyUI installation when the schema is built.
-PHOTO_FOLDERS = "photo_folders"  # subfolders of ComfyUI's input directory
+PHOTO_FOLDERS = "photo_folders"  # folders of images inside the private-photos root
 LORA_FILES = "lora_files"  # files in models/loras
 RECOGNIZER_CHOICES = "recognizer_choices"  # "auto" + recognizers whose weights are present
+
+# Load Protected LoRA's list entry for "the LoRA at the 'lora' input": with it the shipped graphs
+# hold a listed value (comfy-cli refuses values not in the server's list), and no file has this name
+# (ComfyUI lists only files with a model extension).
+CONNECTED_LORA = "(connected from IDDM Train)"
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class Port:
     min: float | None = None
     max: float | None = None
     step: float | None = None
-    options: tuple[str, ...] = ()  # fixed COMBO choices
+    options: tuple[str, ...] = ()  # fixed COMBO choices (with options_from: the first ones)
     options_from: str | None = None  # COMBO choices found at load time (one of the names above)
     optional: bool = False
     multiline: bool = False
@@ -54,6 +60,7 @@ class NodeSpec:
     outputs: tuple[Port, ...]
     output_node: bool = False
     hidden_unique_id: bool = False  # the node needs its own id (to address its web widgets)
+    hidden_prompt: bool = False  # the node reads its own raw inputs from the prompt
 
     def input(self, name: str) -> Port:
         return next(p for p in self.inputs if p.name == name)
@@ -80,14 +87,18 @@ def knob(name: str, type_: str, **limits: Any) -> Port:
 LOAD_PHOTOS = NodeSpec(
     node_id="IDDMLoadPrivatePhotos",
     display_name="IDDM Load Private Photos",
-    description=("Loads the person's photos from a folder inside ComfyUI's input folder (or takes "
-                 "images you connect), turns each upright, finds the face and crops a square around "
+    description=("Loads the person's photos from a folder inside your private-photos root (a folder "
+                 "ComfyUI does not serve; by default ~/.local/share/comfyui-iddm/photos) or takes "
+                 "images you connect, turns each upright, finds the face and crops a square around "
                  "it at the training size. The photos are read in place, never copied anywhere."),
     inputs=(
         Port("folder", "COMBO", "Folder of the person's photos, by its name inside your private-photos "
-             "root (ComfyUI's input folder unless IDDM_PRIVATE_ROOT says otherwise); never a full path, "
-             "which would travel with every shared workflow. 8 or more clear, front-facing photos of "
-             "one person work best.", options_from=PHOTO_FOLDERS),
+             "root: ~/.local/share/comfyui-iddm/photos (macOS ~/Library/Application Support/comfyui-iddm/"
+             "photos, Windows %LOCALAPPDATA%\\comfyui-iddm\\photos) unless IDDM_PRIVATE_ROOT says "
+             "otherwise; not ComfyUI's input folder, which ComfyUI serves to anyone who can reach it. "
+             "Only folders that hold images are listed; never a full path, which would travel with "
+             "every shared workflow. 8 or more clear, front-facing photos of one person work best.",
+             options_from=PHOTO_FOLDERS),
         knob("resolution", "INT", step=8),
         Port("face_detector", "COMBO", "'auto' finds the face in each photo and crops around it; "
              "'none' assumes the photos are already face-centred portraits.",
@@ -134,55 +145,34 @@ TRAIN = NodeSpec(
     description=("Personalizes the model on the person's photos (a LoRA, like DreamBooth) while "
                  "nudging the protection photos, within an invisible-to-small budget, so that faces "
                  "the trained model draws are hard for face recognition to link to the person. "
-                 "Saves the LoRA into models/loras. rho trades privacy (low) against likeness (high)."),
+                 "Saves the LoRA into models/loras. rho trades privacy (low) against likeness (high). "
+                 "Every other setting is on the optional IDDM Train Options node."),
     inputs=(
         Port("model", "MODEL", "The diffusion model from Load Checkpoint (SD 1.x / 2.x)."),
         Port("clip", "CLIP", "The text encoder from Load Checkpoint."),
         Port("vae", "VAE", "The VAE from Load Checkpoint."),
         Port("reference", "IMAGE", "Reference set Xc (from the Split node)."),
         Port("protection", "IMAGE", "Protection set X0 (from the Split node)."),
-        knob("instance_prompt", "STRING"),
         knob("rho", "FLOAT", step=0.05),
         knob("eta", "FLOAT", step=0.01),
         knob("tau", "FLOAT", step=0.01, open_min=0.001),
         knob("iterations", "INT"),
-        knob("pgd_steps", "INT"),
-        knob("pgd_alpha", "FLOAT", step=0.001, open_min=0.0001),
-        knob("ft_steps", "INT"),
-        knob("lr", "FLOAT", step=1e-5, open_min=1e-7),
-        knob("rank", "INT"),
-        knob("lora_alpha", "FLOAT", step=1.0, open_min=0.01),
-        knob("batch_size", "INT"),
-        knob("stage2_timesteps", "STRING"),
-        knob("recognizers", "STRING"),
-        knob("seed", "INT", seed=True),
         Port("lora_name", "STRING", "File name of the LoRA in models/loras (no folders). Empty: a "
              "neutral name iddm_<date>_<random> is chosen. Careful: this name travels with every "
              "workflow you share, so don't name it after the person.", ""),
-        Port("overwrite", "BOOLEAN", "Replace an existing LoRA of the same name. Off: a name that "
-             "is taken is refused before any training starts.", False),
-        knob("mixed_precision", "COMBO", options=MIXED_PRECISION),
-        knob("gradient_checkpointing", "BOOLEAN"),
-        knob("pgd_batch", "INT", optional=True),
-        # optional: graphs written before these knobs still load, with the defaults
-        knob("face_mask", "BOOLEAN", optional=True),
-        knob("target_similarity", "FLOAT", step=0.05, optional=True),
-        knob("step_decay", "BOOLEAN", optional=True),
-        knob("pixel_range", "COMBO", options=tuple(PIXEL_RANGES), optional=True),
-        Port("face_detector", "COMBO", "'auto' finds the eyes, nose and mouth in each photo (the "
-             "face recognizers need them); 'none' assumes face-centred crops such as IDDM Load "
-             "Private Photos makes with its detector off.", "auto", options=("auto", "none")),
-        Port("class_images", "IMAGE", "Optional: images of other people of the same class for "
-             "prior preservation (keeps the model from drawing everyone as this person). Needs "
-             "prior_weight above 0; any size (centre-cropped to the photos' size).",
-             optional=True),
-        knob("class_prompt", "STRING"),
-        knob("prior_weight", "FLOAT", step=0.1),
+        knob("seed", "INT", seed=True),
         Port("resume", "BOOLEAN", "After a Cancel or a crash: continue the unfinished run of this "
              "lora_name from its last finished iteration (same result as an uninterrupted run). Each "
              "iteration is saved to a private folder in your user cache (never ComfyUI's output or "
              "temp), deleted when the run finishes. Needs the same lora_name and settings.",
-             False, optional=True),
+             False, optional=True),  # optional: graphs written before it still load
+        Port("options", IDDM_OPTIONS, "Optional: IDDM Train Options, for every other setting (PGD and "
+             "fine-tune schedule, LoRA size, recognizers, prompts, precision, overwrite). Not "
+             "connected: the defaults shown on that node.", optional=True),
+        Port("class_images", "IMAGE", "Optional: images of other people of the same class for "
+             "prior preservation (keeps the model from drawing everyone as this person). Needs "
+             "prior_weight above 0 on IDDM Train Options; any size (centre-cropped to the photos' size).",
+             optional=True),
     ),
     outputs=(
         Port("lora", IDDM_LORA, "The protected LoRA with its settings, for IDDM Load Protected LoRA "
@@ -194,7 +184,55 @@ TRAIN = NodeSpec(
     ),
     output_node=True,
     hidden_unique_id=True,
+    hidden_prompt=True,  # reads option inputs that graphs written before IDDM Train Options give it
 )
+
+TRAIN_OPTIONS = NodeSpec(
+    node_id="IDDMTrainOptions",
+    display_name="IDDM Train Options",
+    description=("The settings of IDDM Train beyond rho, eta, tau, K, the LoRA name and the seed: the "
+                 "PGD and fine-tune schedule, the LoRA's size, the face recognizers, the prompts, "
+                 "precision and memory. Connect it to IDDM Train's 'options' input; one node can feed "
+                 "several Train nodes (e.g. a sweep over rho). Without it, IDDM Train uses these defaults."),
+    inputs=(
+        knob("pgd_steps", "INT"),
+        knob("pgd_alpha", "FLOAT", step=0.001, open_min=0.0001),
+        knob("ft_steps", "INT"),
+        knob("stage2_timesteps", "STRING"),
+        knob("lr", "FLOAT", step=1e-5, open_min=1e-7),
+        knob("rank", "INT"),
+        knob("lora_alpha", "FLOAT", step=1.0, open_min=0.01),
+        knob("batch_size", "INT"),
+        knob("recognizers", "STRING"),
+        Port("face_detector", "COMBO", "'auto' finds the eyes, nose and mouth in each photo (the "
+             "face recognizers need them); 'none' assumes face-centred crops such as IDDM Load "
+             "Private Photos makes with its detector off.", "auto", options=("auto", "none")),
+        knob("face_mask", "BOOLEAN"),
+        knob("target_similarity", "FLOAT", step=0.05),
+        knob("step_decay", "BOOLEAN"),
+        knob("pixel_range", "COMBO", options=tuple(PIXEL_RANGES)),
+        knob("instance_prompt", "STRING"),
+        knob("class_prompt", "STRING"),
+        knob("prior_weight", "FLOAT", step=0.1),
+        knob("mixed_precision", "COMBO", options=MIXED_PRECISION),
+        knob("gradient_checkpointing", "BOOLEAN"),
+        knob("pgd_batch", "INT"),
+        Port("overwrite", "BOOLEAN", "Replace an existing LoRA of the same name. Off: a name that "
+             "is taken is refused before any training starts.", False),
+    ),
+    outputs=(
+        Port("options", IDDM_OPTIONS, "These settings, for the 'options' input of IDDM Train."),
+    ),
+)
+
+# IDDM Train's widgets before IDDM Train Options existed (pack 0.1), in the order UI-format graphs
+# of that version store their values; web/iddm.js reads old graphs with the same list.
+LEGACY_TRAIN_WIDGETS = (
+    "instance_prompt", "rho", "eta", "tau", "iterations", "pgd_steps", "pgd_alpha", "ft_steps", "lr",
+    "rank", "lora_alpha", "batch_size", "stage2_timesteps", "recognizers", "seed",
+    "control_after_generate", "lora_name", "overwrite", "mixed_precision", "gradient_checkpointing",
+    "face_detector", "class_prompt", "prior_weight", "pgd_batch", "face_mask", "target_similarity",
+    "step_decay", "pixel_range", "resume")
 
 SIMILARITY = NodeSpec(
     node_id="IDDMIdentitySimilarity",
@@ -230,8 +268,10 @@ LOAD_LORA = NodeSpec(
     inputs=(
         Port("model", "MODEL", "The base model the LoRA was trained on."),
         Port("clip", "CLIP", "The text encoder of that model."),
-        Port("lora_name", "COMBO", "A LoRA file from models/loras; the ones IDDM made come first in "
-             "the list. Ignored when the 'lora' input is connected.", options_from=LORA_FILES),
+        Port("lora_name", "COMBO", f"A LoRA file from models/loras; the ones IDDM made come first in "
+             f"the list. '{CONNECTED_LORA}' (the first entry): the LoRA connected to the 'lora' input. "
+             "A connected LoRA is used whatever is chosen here.", CONNECTED_LORA,
+             options=(CONNECTED_LORA,), options_from=LORA_FILES),
         Port("strength_model", "FLOAT", "How strongly the LoRA changes the diffusion model.",
              1.0, -100.0, 100.0, 0.01),
         Port("strength_clip", "FLOAT", "How strongly the LoRA changes the text encoder.",
@@ -266,12 +306,19 @@ SAVE_PUBLIC_IMAGE = NodeSpec(
     output_node=True,
 )
 
-ALL_NODES: tuple[NodeSpec, ...] = (LOAD_PHOTOS, SPLIT, TRAIN, SIMILARITY, LOAD_LORA, SAVE_PUBLIC_IMAGE)
+ALL_NODES: tuple[NodeSpec, ...] = (LOAD_PHOTOS, SPLIT, TRAIN, SIMILARITY, LOAD_LORA, SAVE_PUBLIC_IMAGE,
+                                   TRAIN_OPTIONS)
 BY_ID = {spec.node_id: spec for spec in ALL_NODES}
 
 
 def train_config_names() -> tuple[str, ...]:
-    """The Train node's inputs that are IDDMConfig fields (everything else is door-only)."""
+    """The inputs of IDDM Train and IDDM Train Options that are IDDMConfig fields (everything else
+    is door-only)."""
     from dataclasses import fields
     names = {f.name for f in fields(IDDMConfig)}
-    return tuple(p.name for p in TRAIN.inputs if p.name in names)
+    return tuple(p.name for p in TRAIN.inputs + TRAIN_OPTIONS.inputs if p.name in names)
+
+
+def train_option_names() -> tuple[str, ...]:
+    """The settings IDDM Train Options carries (all of them widgets)."""
+    return tuple(p.name for p in TRAIN_OPTIONS.inputs)

@@ -8,8 +8,10 @@ from comfy_api.latest import io
 
 from . import spec
 from .convert import IddmLora, comfy_to_engine, engine_to_comfy, figures_json, lora_file_name
+from .served import comfy_relative_errors
 from .places import OPTION_SOURCES, loras_dir, recognizer_dir
 from .schema import build_schema
+from .train_options import TrainOptions, own_inputs, train_settings
 
 
 class IDDMTrain(io.ComfyNode):
@@ -18,8 +20,9 @@ class IDDMTrain(io.ComfyNode):
         return build_schema(spec.TRAIN, OPTION_SOURCES)
 
     @classmethod
-    def execute(cls, model, clip, vae, reference, protection, lora_name: str, overwrite: bool,
-                face_detector: str, class_images=None, resume: bool = False, **knobs) -> io.NodeOutput:
+    @comfy_relative_errors
+    def execute(cls, model, clip, vae, reference, protection, lora_name: str, resume: bool = False,
+                options=None, class_images=None, **knobs) -> io.NodeOutput:
         import folder_paths
         from comfyui_iddm.atomic import check_writable
         from comfyui_iddm.config import IDDMConfig
@@ -33,6 +36,8 @@ class IDDMTrain(io.ComfyNode):
         from .progress import ComfyProgress, cancel_requested, raise_if_interrupted
 
         from comfyui_iddm.private_root import neutral_lora_name
+        settings = {**train_settings(options, own_inputs(cls.hidden.prompt, cls.hidden.unique_id)), **knobs}
+        overwrite, face_detector = settings["overwrite"], settings["face_detector"]
         check_model(model)  # an unsupported MODEL is refused before any work starts
         file_name = lora_file_name(lora_name or neutral_lora_name())
         path = loras_dir() / file_name
@@ -41,7 +46,7 @@ class IDDMTrain(io.ComfyNode):
                                     "turn on resume to continue it, or overwrite to start over.")
         ref, prot = comfy_to_engine(reference), comfy_to_engine(protection)
         resolution = _square_side(ref, "reference", _square_side(prot, "protection"))
-        config = IDDMConfig(resolution=resolution, **{k: v for k, v in knobs.items()
+        config = IDDMConfig(resolution=resolution, **{k: v for k, v in settings.items()
                                                       if k in spec.train_config_names()})
         from comfyui_iddm.class_images import NODE_HINTS, check_prior_preservation
         check_prior_preservation(config.prior_weight, class_images is not None, NODE_HINTS)  # before any work
@@ -118,4 +123,15 @@ def face_crops(images, detector, which: str):
     return PhotoSet(images, landmarks.clone(), [f"{which} {i}" for i in range(count)])
 
 
-NODES = [IDDMTrain]
+class IDDMTrainOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return build_schema(spec.TRAIN_OPTIONS, OPTION_SOURCES)
+
+    @classmethod
+    @comfy_relative_errors
+    def execute(cls, **values) -> io.NodeOutput:
+        return io.NodeOutput(TrainOptions(values))
+
+
+NODES = [IDDMTrain, IDDMTrainOptions]

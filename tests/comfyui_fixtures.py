@@ -287,6 +287,8 @@ def tiny_run(api: dict, folder: str, lora_suffix: str) -> dict:
     """A shipped API workflow scaled down to a CPU run of a minute or two on the tiny checkpoint;
     LoRA names become iddm_test<suffix>_<node id>."""
     graph = json.loads(json.dumps(api))
+    short = dict(pgd_steps=2, ft_steps=2, batch_size=1)
+    has_options = any(node["class_type"] == "IDDMTrainOptions" for node in graph.values())
     for node_id, node in graph.items():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
@@ -295,9 +297,12 @@ def tiny_run(api: dict, folder: str, lora_suffix: str) -> dict:
             inputs.update(folder=folder, resolution=64)
         elif kind == "IDDMSplitReferenceProtection":
             inputs.update(reference_count=3)
+        elif kind == "IDDMTrainOptions":
+            inputs.update(short)
         elif kind == "IDDMTrain":
-            inputs.update(iterations=1, pgd_steps=2, ft_steps=2, batch_size=1,
-                          lora_name=f"iddm_test{lora_suffix}_{node_id}")
+            # graphs without IDDM Train Options (pack 0.1's) give the settings to IDDM Train itself
+            inputs.update(iterations=1, lora_name=f"iddm_test{lora_suffix}_{node_id}",
+                          **({} if has_options else short))
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=2)
         elif kind == "KSampler":

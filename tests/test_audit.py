@@ -234,22 +234,33 @@ def scan_text_file(text: str):
     return audit_bytes(text.encode())
 
 
+def _widget_slots(node) -> list[str]:
+    slots = []
+    for port in [p for p in node.inputs if not p.optional] + [p for p in node.inputs if p.optional]:
+        if port.is_widget:
+            slots.append(port.name)
+            if port.seed:
+                slots.append("control_after_generate")
+    return slots
+
+
 def test_ui_widget_positions_match_the_node_declarations():
-    """The positions audit.py reads in UI-format workflows are those of the nodes' widgets."""
+    """The positions audit.py reads in UI-format workflows are those of the nodes' widgets (IDDM
+    Train: of its current layout or of pack 0.1's)."""
     spec = pack_nodes.load("spec")
+    layouts = {node.node_id: [_widget_slots(node)] for node in spec.ALL_NODES}
+    layouts["IDDMTrain"].append(list(spec.LEGACY_TRAIN_WIDGETS))
     for node_type, positions in audit_module.UI_SENSITIVE_WIDGETS.items():
-        node = spec.BY_ID.get(node_type)
-        if node is None:  # a stock node: lora_name is its first widget in ComfyUI
+        if node_type not in layouts:  # a stock node: lora_name is its first widget in ComfyUI
             assert positions == {0: "lora_name"}
             continue
-        slots = []
-        for port in [p for p in node.inputs if not p.optional] + [p for p in node.inputs if p.optional]:
-            if port.is_widget:
-                slots.append(port.name)
-                if port.seed:
-                    slots.append("<control after generate>")
         for index, name in positions.items():
-            assert slots[index] == name, (node_type, index, slots)
+            assert any(index < len(slots) and slots[index] == name for slots in layouts[node_type]), \
+                (node_type, index, layouts[node_type])
+    # Where one layout has lora_name, the other has no widget or a number: never misread as a name.
+    current, legacy = layouts["IDDMTrain"]
+    assert len(current) <= 16 and spec.TRAIN.input(legacy[current.index("lora_name")]).type == "INT"
+    assert audit_module.CONNECTED_LORA == spec.CONNECTED_LORA
 
 
 def test_shipped_workflows_hold_no_paths_photo_names_or_personal_lora_names():

@@ -72,7 +72,7 @@ def _first(api, kind):
     (lambda g: g.__setitem__("99", {"class_type": "NoSuchNode", "inputs": {}}), "unknown node type"),
     (lambda g: g[_first(g, "IDDMTrain")]["inputs"].__setitem__("rho", 1.5), "above the maximum"),
     (lambda g: g[_first(g, "IDDMTrain")]["inputs"].__setitem__("iterations", 2.5), "not a whole number"),
-    (lambda g: g[_first(g, "IDDMTrain")]["inputs"].__setitem__("mixed_precision", "fp8"), "not one of"),
+    (lambda g: g[_first(g, "IDDMTrainOptions")]["inputs"].__setitem__("mixed_precision", "fp8"), "not one of"),
     (lambda g: g[_first(g, "IDDMTrain")]["inputs"].__setitem__("reference", ["1", 0]), "wants IMAGE but gets MODEL"),
     (lambda g: g[_first(g, "IDDMTrain")]["inputs"].pop("vae"), "required input 'vae' missing"),
     (lambda g: g[_first(g, "KSampler")]["inputs"].__setitem__("latent_image", ["4", 3]), "links to output 3"),

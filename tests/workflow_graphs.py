@@ -24,6 +24,7 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # any SD 1.x / 2.x checkpoint of
 PHOTO_FOLDER = "my_photos"  # a folder inside ComfyUI/input with the person's photos
 POSITIVE = "a photo of sks person, portrait, natural light"
 NEGATIVE = "blurry, lowres, deformed"
+CONNECTED_LORA = pack_nodes.load("spec").CONNECTED_LORA  # Load Protected LoRA: use the 'lora' input
 
 
 # ----------------------------------------------------------------------------- node interfaces
@@ -36,7 +37,9 @@ def node_definitions() -> dict[str, dict[str, Any]]:
         # ComfyUI orders inputs required first, then optional; widgets follow that order.
         ordered = [p for p in node.inputs if not p.optional] + [p for p in node.inputs if p.optional]
         defs[node.node_id] = {
-            "inputs": {p.name: {"type": p.type, "options": list(p.options), "default": p.default,
+            # A list found at load time (files) cannot be checked without ComfyUI: any value passes.
+            "inputs": {p.name: {"type": p.type, "options": [] if p.options_from else list(p.options),
+                                "default": p.default,
                                 "min": p.min, "max": p.max, "control_after_generate": p.seed,
                                 "optional": p.optional} for p in ordered},
             "outputs": [p.type for p in node.outputs],
@@ -56,11 +59,15 @@ def _node(class_type: str, title: str, **inputs) -> dict:
     return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
 
 
-def _train(defs, model_from: str, photos_from: str, rho: float, title: str) -> dict:
+def _train(defs, model_from: str, photos_from: str, options_from: str, rho: float, title: str) -> dict:
     knobs = widget_defaults("IDDMTrain", defs)
     knobs.update(rho=rho, lora_name="")  # empty: a neutral name is chosen at run time
     return _node("IDDMTrain", title, model=[model_from, 0], clip=[model_from, 1], vae=[model_from, 2],
-                 reference=[photos_from, 0], protection=[photos_from, 1], **knobs)
+                 reference=[photos_from, 0], protection=[photos_from, 1], options=[options_from, 0], **knobs)
+
+
+def _options(defs, title: str = "IDDM Train Options") -> dict:
+    return _node("IDDMTrainOptions", title, **widget_defaults("IDDMTrainOptions", defs))
 
 
 def _generate(graph: dict, first_id: int, defs, lora_from: list | None, lora_file: str, reference_from: str,
@@ -104,18 +111,20 @@ def _common(defs, checkpoint: str, folder: str) -> dict:
 
 def train_and_generate(defs) -> dict:
     graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
-    graph["6"] = _train(defs, "1", "5", 0.3, "IDDM Train")
-    _generate(graph, 10, defs, ["6", 0], "", "5", "")
+    graph["9"] = _options(defs)
+    graph["6"] = _train(defs, "1", "5", "9", 0.3, "IDDM Train")
+    _generate(graph, 10, defs, ["6", 0], CONNECTED_LORA, "5", "")
     return graph
 
 
 def privacy_sweep(defs) -> dict:
     graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
-    for column, rho in enumerate((0.1, 0.3, 0.5)):
-        train_id = str(6 + column)
+    graph["9"] = _options(defs, "IDDM Train Options (shared: only rho differs)")
+    for lane, rho in enumerate((0.1, 0.3, 0.5)):
+        train_id = str(6 + lane)
         label = f"rho {rho}"
-        graph[train_id] = _train(defs, "1", "5", rho, f"IDDM Train {label}")
-        _generate(graph, 10 + 10 * column, defs, [train_id, 0], "", "5", f"({label})")
+        graph[train_id] = _train(defs, "1", "5", "9", rho, f"IDDM Train {label}")
+        _generate(graph, 10 + 10 * lane, defs, [train_id, 0], CONNECTED_LORA, "5", f"({label})")
     return graph
 
 

@@ -110,7 +110,7 @@ def test_the_models_attention_patch_runs_during_training(server, checkpointing):
     # IDDM Train alone consumes the probed MODEL: every probe line comes from its forward passes.
     graph = {i: n for i, n in graph.items() if n["class_type"] in (
         "CheckpointLoaderSimple", "IDDMTestAttentionProbe", "IDDMLoadPrivatePhotos", "IDDMSplitReferenceProtection",
-        "IDDMTrain")}
+        "IDDMTrain", "IDDMTrainOptions")}
     next(n for n in graph.values() if n["class_type"] == "IDDMTrain")["inputs"]["gradient_checkpointing"] = checkpointing
     log_before = len(server.log())
     cf.run_graph(server, graph)

@@ -43,7 +43,7 @@ def test_a_broken_node_module_is_reported_and_the_rest_load():
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["nodes"] == ["IDDMLoadPrivatePhotos", "IDDMSplitReferenceProtection", "IDDMTrain",
-                               "IDDMIdentitySimilarity", "IDDMSavePublicImage"]
+                               "IDDMTrainOptions", "IDDMIdentitySimilarity", "IDDMSavePublicImage"]
     assert loaded["facerecognition"][0].endswith("models/facerecognition")
     message = next(line for line in result.stderr.splitlines() if "nodes/lora_node.py" in line)
     assert "unavailable" in message and "pip install -r" in message and "requirements.txt" in message
