@@ -26,10 +26,9 @@ from .config import IDDMConfig
 from .faces.region import face_region
 from .losses import NoiseDraw, denoised_prediction, draw_noise, identity_loss, reconstruction_loss
 from .memory import PhotoChunks
-from .personalize import PriorPreservation, fine_tune
+from .personalize import FineTuning, encode_in_chunks
 from .pgd import loss_scale_for, photo_gradient, signed_step
 from .ports import Denoiser, IdentityScorer
-from .precision import needs_loss_scaling
 from .run_state import RunState, load_latest_state, save_state
 
 
@@ -85,20 +84,11 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
     device = denoiser.device
     x_orig = protection.to(device)
     landmarks = protection_landmarks.to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(denoiser.trainable_parameters(), lr=config.lr, weight_decay=1e-2)
-    scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(denoiser.compute_dtype) else None
-    step_counter = _StepCounter(total_steps(config), on_progress, should_cancel)
+    step_counter = StepCounter(total_steps(config), on_progress, should_cancel)
     chunks = PhotoChunks(config.pgd_batch, x_orig.shape[0], device)
-
-    with torch.no_grad():
-        cond = denoiser.encode_prompt([config.instance_prompt]).to(device)
-        reference_latents = encode_in_chunks(denoiser, reference, chunks.size)  # Xc never changes
-        prior = None
-        if class_images is not None and config.prior_weight > 0:
-            prior = PriorPreservation(encode_in_chunks(denoiser, class_images, chunks.size),
-                                      denoiser.encode_prompt([config.class_prompt]).to(device),
-                                      config.prior_weight)
+    training = FineTuning.start(denoiser, config, class_images, chunks.size)
+    optimizer, generator, cond = training.optimizer, training.generator, training.cond
+    reference_latents = encode_in_chunks(denoiser, reference, chunks.size)  # Xc never changes
     latent_shape = (x_orig.shape[0], *reference_latents.shape[1:])
 
     x_prime, history, first_k, seconds_before = x_orig.clone(), [], 1, 0.0
@@ -117,20 +107,17 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
         record, k_started = IterationRecord(), time.perf_counter()
 
         # Step 1: Θ'k <- FT(Θk-1; Xc)
-        record.ft_loss += fine_tune(denoiser, optimizer, reference_latents, cond, config.ft_steps,
-                                    config.batch_size, generator, prior, scaler,
-                                    step_counter.reporter(k, "finetune_reference", config.ft_steps))
+        record.ft_loss += training.run(reference_latents, config.ft_steps,
+                                       step_counter.reporter(k, "finetune_reference", config.ft_steps))
 
         # Step 2: Stage I then Stage II on the protection photos, model frozen
         x_prime = decouple_photos(denoiser, scorer, x_prime, x_orig, landmarks, cond, config,
                                   generator, record, step_counter, k, chunks, latent_shape)
 
         # Step 3: Θk <- FT(Θ'k; X')
-        with torch.no_grad():
-            decoupled_latents = encode_in_chunks(denoiser, x_prime, chunks.size)
-        record.ft_loss += fine_tune(denoiser, optimizer, decoupled_latents, cond, config.ft_steps,
-                                    config.batch_size, generator, prior, scaler,
-                                    step_counter.reporter(k, "finetune_decoupled", config.ft_steps))
+        decoupled_latents = encode_in_chunks(denoiser, x_prime, chunks.size)
+        record.ft_loss += training.run(decoupled_latents, config.ft_steps,
+                                       step_counter.reporter(k, "finetune_decoupled", config.ft_steps))
         record.seconds = time.perf_counter() - k_started
         history.append(record)
         if state_dir is not None:
@@ -146,7 +133,7 @@ def run_iddm(denoiser: Denoiser, reference: Tensor, protection: Tensor, protecti
 
 def decouple_photos(denoiser: Denoiser, scorer: IdentityScorer | None, x_prime: Tensor, x_orig: Tensor,
                     landmarks: Tensor, cond: Tensor, config: IDDMConfig, generator: torch.Generator,
-                    record: IterationRecord, step_counter: "_StepCounter", k: int, chunks: PhotoChunks,
+                    record: IterationRecord, step_counter: "StepCounter", k: int, chunks: PhotoChunks,
                     latent_shape: tuple[int, ...]) -> Tensor:
     """Step 2: T signed PGD steps; the first T_rec on L_rec (Stage I), the rest on L_id (Stage II).
     The noise of a step is drawn for all photos at once, so chunking (pgd_batch) changes nothing."""
@@ -212,12 +199,6 @@ def stage2_loss(denoiser: Denoiser, scorer: IdentityScorer, cond: Tensor, draw: 
     return loss
 
 
-def encode_in_chunks(denoiser: Denoiser, images: Tensor, chunk: int) -> Tensor:
-    """VAE latents of images, `chunk` at a time (no gradient): the VAE at 512 px is memory-hungry."""
-    return torch.cat([denoiser.encode(images[i:i + chunk].to(denoiser.device))
-                      for i in range(0, images.shape[0], chunk)])
-
-
 @contextlib.contextmanager
 def frozen(parameters: list[torch.nn.Parameter]) -> Iterator[None]:
     """The model is frozen during the photo update: no parameter gradients are built or kept."""
@@ -231,7 +212,7 @@ def frozen(parameters: list[torch.nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class _StepCounter:
+class StepCounter:
     """Counts steps across the run, reports progress and polls for cancellation between steps."""
 
     def __init__(self, total: int, on_progress, should_cancel) -> None:

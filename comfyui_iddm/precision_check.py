@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .iddm import encode_in_chunks, frozen, stage1_loss, stage2_loss
+from .iddm import frozen, stage1_loss, stage2_loss
 from .losses import draw_noise, reconstruction_loss
+from .personalize import encode_in_chunks
 from .pgd import loss_scale_for, photo_gradient
 from .ports import Denoiser, IdentityScorer
 from .precision import needs_loss_scaling
