@@ -24,17 +24,21 @@ def load_face_detector(choice: str):
     return load_detector(choice, device=mm.get_torch_device(), weights_dir=recognizer_dir())
 
 
+NOT_CONNECTED = object()
+
+
 class IDDMLoadPrivatePhotos(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return build_schema(spec.LOAD_PHOTOS, OPTION_SOURCES)
 
     @classmethod
-    def validate_inputs(cls, folder: str, input_types: dict | None = None) -> bool | str:
+    def validate_inputs(cls, folder: str, images=NOT_CONNECTED) -> bool | str:
         # When the graph is queued: a folder that cannot be read says why and how to add one,
-        # unless images are connected instead (the folder is then not read).
+        # unless images are connected instead (ComfyUI then passes images=None: the value of a
+        # link is not known yet). None for folder: it comes from a link too.
         from comfyui_iddm.private_root import PrivatePathError
-        if "images" in (input_types or {}) or folder is None:  # None: the folder comes from a link
+        if images is not NOT_CONNECTED or folder is None:
             return True
         try:
             photo_folder(folder)

@@ -54,8 +54,8 @@ def _photo_folders() -> list[str]:
     try:
         root = private_root()
         if ensure_default_root(root):  # first use: made readable by this account only
-            logging.info(f"[IDDM] made {root.described} for private photos (ComfyUI does not serve "
-                         "it): put each person's photos in a folder of their own inside it.")
+            logging.info(f"[IDDM] private photos go in {root.described} (made now, readable by this "
+                         "account only; ComfyUI does not serve it): one folder per person.")
         return list_private_folders(root.path) or [no_photo_folder_choice(f" yet: add one to {root.described}")]
     except ValueError as error:  # a misconfigured root: say so in the list and at run time
         logging.warning(f"[IDDM] private-photos root: {error}")

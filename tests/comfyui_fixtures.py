@@ -11,6 +11,7 @@ uninitialized memory) and filled with seeded random weights.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -156,31 +157,41 @@ def linked_into_custom_nodes(root: Path, packs: Mapping[str, Path]) -> Iterator[
 def pack_server(log_dir: Path, photos: str, lora_prefix: str, flags: Sequence[str] = (),
                 packs: Mapping[str, Path] | None = None) -> Iterator["ComfyServer"]:
     """A running server with this checkout linked as custom_nodes/comfyui-iddm (and `packs`), the tiny
-    checkpoint, and face photos in input/<photos>; afterwards the photos and the LoRAs named
+    checkpoint, face photos in <private root>/<photos> (a folder of the test, given to the server as
+    $IDDM_PRIVATE_ROOT) and output/ and temp/ folders of its own; afterwards the LoRAs named
     <lora_prefix>* are removed and the links undone."""
-    root = comfyui_path()
+    from comfyui_iddm.private_root import ENV_ROOT
+
+    root, private_root = comfyui_path(), log_dir / "private_root"
+    make_face_photos(private_root / photos)
     with linked_into_custom_nodes(root, {"comfyui-iddm": REPO, **(packs or {})}):
         ensure_tiny_checkpoint(root)
-        folder = root / "input" / photos
-        make_face_photos(folder)
-        server = ComfyServer(root, log_dir / "server.log", flags=flags)
+        server = ComfyServer(root, log_dir / "server.log", flags=flags, env={ENV_ROOT: str(private_root)})
         try:
             server.start()
             yield server
         finally:
             server.stop()
-            shutil.rmtree(folder, ignore_errors=True)
             for lora in loras(lora_prefix):
                 lora.unlink()
 
 
 class ComfyServer:
-    """`python main.py --cpu --listen 127.0.0.1 --port P [flags]` in the background, with its log kept."""
+    """`python main.py --cpu --listen 127.0.0.1 --port P [flags]` in the background, with its log kept.
+    Its output/ and temp/ folders are its own, beside the log (ComfyUI's own output/ stays as it was);
+    `env`: variables to set for the server (None: unset)."""
 
-    def __init__(self, root: Path, log_path: Path, port: int | None = None, flags: Sequence[str] = ()) -> None:
+    def __init__(self, root: Path, log_path: Path, port: int | None = None, flags: Sequence[str] = (),
+                 env: Mapping[str, str | None] | None = None) -> None:
         self.root, self.log_path = root, log_path
         self.port = port or free_port()
-        self.flags = list(flags)
+        self.output_dir = log_path.parent / "output"
+        self.temp_dir = log_path.parent / "temp"  # ComfyUI's --temp-directory D means D/temp
+        self.flags = ["--output-directory", str(self.output_dir), "--temp-directory", str(log_path.parent),
+                      *flags]
+        self.env = {**os.environ, **{k: v for k, v in (env or {}).items() if v is not None}}
+        for name in [k for k, v in (env or {}).items() if v is None]:
+            self.env.pop(name, None)
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -188,7 +199,8 @@ class ComfyServer:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", *self.flags], cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+             "--disable-auto-launch", *self.flags], cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -214,6 +226,16 @@ class ComfyServer:
     def get(self, route: str):
         with urllib.request.urlopen(self.url + route, timeout=30) as response:
             return json.loads(response.read())
+
+    def fetch(self, route: str) -> tuple[int, bytes]:
+        """GET `route` as sent (no normalisation of '..'): (status, body), errors included."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request("GET", route)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
 
     def post(self, route: str, payload: dict | None = None):
         data = json.dumps(payload or {}).encode()

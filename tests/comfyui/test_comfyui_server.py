@@ -85,7 +85,7 @@ def test_train_and_generate_workflow_runs_and_saves_a_lora(server):
     saved = outputs["16"]["images"]
     assert len(saved) == 2 and all(s["type"] == "output" for s in saved)
     for image in saved:  # Save Public Image: pixels only
-        assert not Image.open(ROOT / "output" / image["subfolder"] / image["filename"]).info
+        assert not Image.open(server.output_dir / image["subfolder"] / image["filename"]).info
 
 
 def test_privacy_sweep_and_generate_only_workflows_run(server):
@@ -118,7 +118,7 @@ def _generate_with_stock_lora_loader(server, lora_name: str, strength: float) ->
         "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
     }
     image = run(server, graph)["outputs"]["8"]["images"][0]
-    return np.asarray(Image.open(ROOT / "temp" / image["subfolder"] / image["filename"]), dtype=np.float32)
+    return np.asarray(Image.open(server.temp_dir / image["subfolder"] / image["filename"]), dtype=np.float32)
 
 
 def test_saved_lora_loads_in_the_stock_loader_and_changes_the_output(server):

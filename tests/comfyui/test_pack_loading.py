@@ -37,9 +37,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_broken_node_module_is_reported_and_the_rest_load():
+def test_a_broken_node_module_is_reported_and_the_rest_load(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_DATA_HOME": str(tmp_path)}  # the default photo root goes there
     result = subprocess.run([cf.comfyui_python(), "-c", SCRIPT, str(REPO)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["nodes"] == ["IDDMLoadPrivatePhotos", "IDDMSplitReferenceProtection", "IDDMTrain",

@@ -6,13 +6,12 @@ ComfyUI keeps or publishes names the private photos.
 - IDDM Train's ui output (what /history keeps of it) is figures only.
 - `iddm audit` flags the stock Save Image PNG of the same graph and passes the Save Public Image one.
 
-The server runs on 127.0.0.1 with --cpu, on $IDDM_PRIVACY_TEST_PORT (default 8190), with
-$IDDM_PRIVATE_ROOT pointing at a temporary root that holds the photos.
+The server runs on 127.0.0.1 with --cpu on a free port, with $IDDM_PRIVATE_ROOT pointing at a
+temporary root that holds the photos.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -24,7 +23,6 @@ from comfyui_fixtures import (REPO, ComfyServer, comfyui_marks, comfyui_path, en
 COMFYUI = comfyui_path()
 pytestmark = comfyui_marks("run the privacy tests against a real ComfyUI")
 
-PORT = int(os.environ.get("IDDM_PRIVACY_TEST_PORT", "8190"))
 FOLDER = "set_q7"  # the relative name typed into the graph
 NO_FACES = "set_q7_nofaces"  # photos without a face: the node fails, and says so
 PHOTO_STEM = "zq7anna_private"  # distinctive, so any leak of a file name is found by search
@@ -44,21 +42,13 @@ def server(tmp_path_factory):
         Image.new("RGB", (96, 96), (40 * i, 120, 200)).save(path)
         photos.append(path)
     ensure_tiny_checkpoint(COMFYUI)
-    previous = os.environ.get(ENV_ROOT)
-    os.environ[ENV_ROOT] = str(root)  # the server inherits it
-    server = ComfyServer(COMFYUI, tmp_path_factory.mktemp("log") / "comfyui.log", PORT)
-    try:
-        with linked_into_custom_nodes(COMFYUI, {"comfyui-iddm": REPO}):
-            try:
-                server.start()
-                yield server, root, photos
-            finally:
-                server.stop()
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_ROOT, None)
-        else:
-            os.environ[ENV_ROOT] = previous
+    server = ComfyServer(COMFYUI, tmp_path_factory.mktemp("log") / "comfyui.log", env={ENV_ROOT: str(root)})
+    with linked_into_custom_nodes(COMFYUI, {"comfyui-iddm": REPO}):
+        try:
+            server.start()
+            yield server, root, photos
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +74,7 @@ def run(server):
     prompt_id = comfy.post("/prompt", {"prompt": graph, "client_id": "iddm-privacy-tests",
                                        "extra_data": {"extra_pnginfo": {"workflow": ui}}})["prompt_id"]
     entry = comfy.wait(prompt_id)
-    saved = {node_id: [COMFYUI / "output" / image["subfolder"] / image["filename"]
+    saved = {node_id: [comfy.output_dir / image["subfolder"] / image["filename"]
                        for image in output.get("images", [])]
              for node_id, output in entry.get("outputs", {}).items()}
     history = comfy.get("/history")

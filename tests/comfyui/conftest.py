@@ -1,0 +1,54 @@
+"""Order and cleanliness of the tests against a real ComfyUI.
+
+Each module sets up what it needs and takes it down again (the pack linked into custom_nodes, photos
+in a private root of its own, a server with output/ and temp/ folders of its own), so the modules
+pass alone and in any order: `--reverse-modules` runs them last module first. After each module,
+ComfyUI's own output/, input/, models/loras/ and custom_nodes/ hold what they held before.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from comfyui_fixtures import comfyui_path  # noqa: E402
+
+# ComfyUI's folders the tests may write to, and whether to look into their subfolders
+WATCHED = {"output": True, "input": True, "models/loras": True, "custom_nodes": False}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-modules", action="store_true",
+                     help="run the test modules in reverse order (each must make its own set-up)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-modules"):
+        modules = list(dict.fromkeys(item.path for item in items))
+        items.sort(key=lambda item: -modules.index(item.path))  # stable: tests keep their order
+
+
+def entries(folder: Path, below: bool) -> set[str]:
+    """What `folder` holds (with `below`, its subfolders' files too; links are not followed)."""
+    if not folder.is_dir():
+        return set()
+    if not below:
+        return {p.name for p in folder.iterdir()}
+    return {(Path(current) / name).relative_to(folder).as_posix()
+            for current, dirs, files in os.walk(folder) for name in dirs + files}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def comfyui_left_as_found():
+    root = comfyui_path()
+    if root is None:  # the module skips
+        yield
+        return
+    before = {name: entries(root / name, below) for name, below in WATCHED.items()}
+    yield
+    left = {name: sorted(entries(root / name, below) - before[name]) for name, below in WATCHED.items()}
+    left = {name: paths for name, paths in left.items() if paths}
+    assert not left, f"the module left files in ComfyUI's folders: {left}"
