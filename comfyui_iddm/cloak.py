@@ -8,6 +8,7 @@ CLI (`iddm cloak --method`), the evaluation (`iddm evaluate-protection --method`
 node all list and run the same methods:
 
 - aspl:  Anti-DreamBooth's ASPL on the engine's diffusion model (aspl.py);
+- rid:   RID's trained network, one forward pass per photo (rid.py; weights from `iddm rid-train`);
 - noise: random noise of the same budget, every pixel moved by +-eta: the most change the budget
          allows, without structure. The control any cloak has to beat;
 - none:  the photos unchanged, the no-defense baseline.
@@ -35,12 +36,15 @@ if TYPE_CHECKING:
 # method -> "module:factory"; the factory takes a CloakRequest and returns a Cloak.
 METHODS: dict[str, str] = {
     "aspl": "comfyui_iddm.aspl:aspl_cloak",
+    "rid": "comfyui_iddm.rid:rid_cloak_method",
     "noise": "comfyui_iddm.cloak:noise_cloak",
     "none": "comfyui_iddm.cloak:no_cloak",
 }
 METHOD_HELP: dict[str, str] = {
     "aspl": "Anti-DreamBooth's ASPL: PGD that raises a surrogate model's denoising loss, the surrogate "
             "fine-tuned on the clean photos in turn (needs the base model)",
+    "rid": "RID: a trained network cloaks each photo in one forward pass (--rid-weights FILE from "
+           "`iddm rid-train` or the authors' release; no base model needed)",
     "noise": "random noise of the same budget (every pixel +-eta): the control a cloak must beat",
     "none": "the photos unchanged (the no-defense baseline)",
 }

@@ -238,3 +238,21 @@ def test_our_file_round_trips_with_settings_only_in_its_header(tmp_path):
     with pytest.raises(FileExistsError):
         save_rid(path, net, rid_metadata(settings, ["tiny"], "none"))  # no overwrite unless asked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rid.safetensors"]  # no temp file left
+
+
+# --- the cloak method ------------------------------------------------------------------------------
+def test_the_rid_method_cloaks_at_the_requests_budget_without_a_base_model(tmp_path):
+    from comfyui_iddm.cloak import CloakRequest, cloak_config, make_cloak, run_cloak
+
+    settings = RIDSettings(resolution=64, eta=0.08)
+    path = tmp_path / "rid.safetensors"
+    save_rid(path, randomised(RIDNet(ARCHITECTURES["small"], settings.budget), std=2.0),
+             rid_metadata(settings, ["tiny"], "none"))
+    photos = synthetic_photos(3, size=64)
+    config = cloak_config(eta=0.05, resolution=64)  # the request's budget wins: 0.025 of [0,1]
+    outcome = run_cloak(make_cloak(CloakRequest("rid", config, rid_weights=path)), photos)
+    assert outcome.cloaked.shape == photos.shape
+    assert outcome.figures["linf"] <= config.budget[0] + 1e-5 and outcome.figures["linf"] > 0.02
+    assert outcome.figures["trained_eta_0_1"] == pytest.approx(0.04)
+    with pytest.raises(ConfigError, match="--rid-weights"):
+        make_cloak(CloakRequest("rid", config))
