@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # the engine imports torch: only inside main(), where a Ctrl-
     from .config import IDDMConfig
 
 # Sub-commands beside `train`, each a module in commands/ with add_parser(subparsers).
-COMMANDS = ("demo", "report", "sweep", "similarity", "audit")
+COMMANDS = ("demo", "report", "sweep", "similarity", "audit", "rid_train")
 
 # CLI flag names that differ from the shared knob names (DESIGN.md: `--alpha` is PGD's α).
 FLAG_NAMES = {"pgd_alpha": "alpha"}
