@@ -7,35 +7,51 @@ import importlib
 import dataclasses
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:  # the engine imports torch: only inside main(), where a Ctrl-C is caught
     from .config import IDDMConfig
 
 # Sub-commands beside `train`, each a module in commands/ with add_parser(subparsers).
-COMMANDS = ("demo", "report", "sweep", "similarity", "audit", "rid_train")
+COMMANDS = ("demo", "report", "sweep", "similarity", "audit", "rid_train", "cloak", "attack", "evaluate_protection")
 
 # CLI flag names that differ from the shared knob names (DESIGN.md: `--alpha` is PGD's α).
 FLAG_NAMES = {"pgd_alpha": "alpha"}
 
 
-def add_knob_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per IDDMConfig field, help text from the shared KNOBS table; unset flags stay None."""
+def add_knob_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None,
+                   defaults: Mapping[str, Any] | None = None, title: str | None = None,
+                   help_for: Mapping[str, str] | None = None) -> None:
+    """One flag per IDDMConfig field (or per field in `names`, without IDDM's presets), help text from
+    the shared KNOBS table (or `help_for`), the default shown from `defaults` or IDDMConfig's; unset
+    flags stay None (knob_values)."""
     from .config import KNOBS, PRESETS, IDDMConfig
 
-    group = parser.add_argument_group("IDDM knobs (defaults: the paper's, or the preset's)")
-    group.add_argument("--preset", choices=sorted(PRESETS), default="balanced",
-                       help="privacy (rho 0.1), balanced (rho 0.3, default) or likeness (rho 0.5)")
+    group = parser.add_argument_group(title or "IDDM knobs (defaults: the paper's, or the preset's)")
+    if names is None:
+        group.add_argument("--preset", choices=sorted(PRESETS), default="balanced",
+                           help="privacy (rho 0.1), balanced (rho 0.3, default) or likeness (rho 0.5)")
     for f in dataclasses.fields(IDDMConfig):
+        if names is not None and f.name not in names:
+            continue
         flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
         kind = {"int": int, "float": float}.get(f.type, str)
+        default = (defaults or {}).get(f.name, f.default)
+        text = (help_for or {}).get(f.name, KNOBS[f.name].help)
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"{KNOBS[f.name].help} (default {'on' if f.default else 'off'})")
+                               help=f"{text} (default {'on' if default else 'off'})")
         else:
-            default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-            group.add_argument(flag, dest=f.name, type=kind, default=None,
-                               help=f"{KNOBS[f.name].help} (default {default})")
+            shown = default if not isinstance(default, tuple) else ",".join(map(str, default))
+            group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{text} (default {shown})")
+
+
+def knob_values(args: argparse.Namespace, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The IDDMConfig knobs (or those in `names`) given on the command line (unset flags left out)."""
+    from .config import IDDMConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(IDDMConfig)
+            if getattr(args, f.name, None) is not None and (names is None or f.name in names)}
 
 
 def add_class_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +67,7 @@ def add_class_image_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> IDDMConfig:
     from .config import IDDMConfig
 
-    chosen = {f.name: getattr(args, f.name) for f in dataclasses.fields(IDDMConfig)
-              if getattr(args, f.name, None) is not None}
-    return IDDMConfig.preset(args.preset, **chosen)
+    return IDDMConfig.preset(args.preset, **knob_values(args))
 
 
 def add_train_parser(subparsers) -> None:

@@ -80,9 +80,13 @@ def lora_metadata(config: IDDMConfig, figures: Mapping[str, Any], *,
     meta = {f"iddm.{name}": _encode(value) for name, value in config.to_dict().items()}
     meta["iddm.version"] = __version__
     meta["iddm.figures"] = json.dumps(dict(figures), sort_keys=True)
-    meta["ss_network_module"] = "networks.lora"
-    meta["ss_network_dim"] = str(config.rank)
-    meta["ss_network_alpha"] = _encode(config.lora_alpha)
+    return {**meta, **kohya_metadata(config, base_model_version)}
+
+
+def kohya_metadata(config: IDDMConfig, base_model_version: str | None = None) -> dict[str, str]:
+    """The kohya `ss_*` keys LoRA UIs show (network, rank, alpha, base model family); nothing else."""
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.rank),
+            "ss_network_alpha": _encode(config.lora_alpha)}
     if base_model_version:
         meta["ss_base_model_version"] = base_model_version
     return meta

@@ -51,6 +51,11 @@ def save_public_images(images: Sequence, folder: Path, stem: str, counter: int, 
     names = []
     for index, image in enumerate(images):
         name = f"{stem.replace('%batch_num%', str(index))}_{counter + index:05}_{FORMATS[fmt]}"
-        write_bytes(Path(folder) / name, encode_public_image(to_uint8(image), fmt, quality))
+        write_public_image(Path(folder) / name, image, fmt, quality)
         names.append(name)
     return names
+
+
+def write_public_image(path: Path, image, fmt: str = "png", quality: int = 95) -> None:
+    """One image [H,W,C] in [0,1] written atomically to `path`, pixels only."""
+    write_bytes(Path(path), encode_public_image(to_uint8(image), fmt, quality))

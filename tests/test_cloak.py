@@ -139,7 +139,7 @@ def test_noise_moves_every_pixel_by_the_budget_and_none_nothing():
 
 
 def test_unknown_methods_and_aspl_without_a_model_are_refused_by_name():
-    with pytest.raises(ConfigError, match=r"'glaze' is unknown; choose one of aspl, noise, none"):
+    with pytest.raises(ConfigError, match=r"'glaze' is unknown; choose one of aspl, .*noise"):
         make_cloak(CloakRequest("glaze", small()))
     with pytest.raises(ConfigError, match=r"'aspl' needs the diffusion model.*--base"):
         make_cloak(CloakRequest("aspl", small())).protect(PHOTOS)

@@ -1,0 +1,164 @@
+"""How much of the person a DreamBooth-LoRA attacker learns from protected photos, measured the same
+way for every protection: the one table of `iddm evaluate-protection`.
+
+For each protection (a cloak method run here, or protected files given by the user) the attacker
+(attack.py) fine-tunes the same base model with the same budget and seed on the protected photos.
+Its model is then measured on HELD-OUT clean photos of the person (never published, never cloaked):
+
+- denoise_loss: its diffusion training loss on them (the same noise and timesteps for every row);
+  the better it learnt the person, the lower.
+- x0_cosine: identity cosine, per face recognizer, of its one-step reconstruction x0_hat of them (at
+  fixed timesteps) to the person (the prototype of the clean published photos); the better it learnt
+  the person, the higher. The held-out photos' own landmarks align x0_hat, which stays in place.
+- with `generations` > 0 (a real checkpoint), images from the papers' prompts scored with FSR and
+  the identity cosine of their faces to the person (the ISM of Anti-DreamBooth and IDDM).
+
+The first row is the base model before any attack (where the attacker starts); `none` is the attack
+on unprotected photos. A protection works when its row sits nearer the base model than `none` does,
+and it means something only when it does so more than `noise` of the same budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .attack import attack_photos
+from .cloak import Cloak, CloakRequest, change_figures, make_cloak, run_cloak
+from .config import IDDMConfig
+from .faces.ensemble import IdentityEnsemble
+from .losses import NoiseDraw, denoised_prediction, draw_noise, reconstruction_loss
+from .photos import PhotoSet
+from .ports import Denoiser
+
+# Anti-DreamBooth's and IDDM's evaluation prompts.
+PAPER_PROMPTS = ("a photo of sks person", "a dslr portrait of sks person")
+BASE_ROW = "no attack (base model)"
+GIVEN_ROW = "given"
+# Timesteps of the one-step reconstruction: small enough that x0_hat still shows a face, large enough
+# that how well the model denoises this person decides what it shows (SD's schedule: alpha_bar 0.93
+# at t 50, 0.55 at t 300).
+PROBE_TIMESTEPS = (50, 100, 200, 300)
+LOSS_DRAWS = 8  # noise draws (each with its own timestep) per held-out photo for denoise_loss
+
+
+@dataclass(frozen=True)
+class EvaluationSetup:
+    attack: IDDMConfig  # the attacker's settings; ft_steps is its step budget
+    cloak: IDDMConfig  # the budget and schedule of the cloak methods run here
+    probe_timesteps: tuple[int, ...] = PROBE_TIMESTEPS
+    loss_draws: int = LOSS_DRAWS
+    generations: int = 0  # images per prompt (needs a real checkpoint to mean anything)
+    prompts: tuple[str, ...] = PAPER_PROMPTS
+
+
+@dataclass
+class ProtectionRow:
+    method: str
+    eta: float | None  # the budget in [0,1] units (None: no change, or unknown for given files)
+    change: dict[str, float] = field(default_factory=dict)  # linf, psnr, ssim of the protected photos
+    seconds_per_photo: float | None = None  # the protection's own time
+    denoise_loss: float = 0.0
+    x0_cosine: dict[str, float] = field(default_factory=dict)
+    generation: dict[str, Any] | None = None  # {"fsr": .., "cosine": {recognizer: mean or None}}
+    cloak_figures: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_protection(denoiser: Denoiser, published: PhotoSet, held_out: PhotoSet, methods: Sequence[str],
+                        recognizers: Sequence[torch.nn.Module], setup: EvaluationSetup, *,
+                        given: Tensor | None = None, detector=None, class_images: Tensor | None = None,
+                        rid_weights=None, log: Callable[[str], None] = lambda message: None) -> list[ProtectionRow]:
+    """One row per protection (the base model first). `denoiser` is the base model; every cloak and
+    every attack starts from its LoRA as given (reset before each). `given`: protected versions of
+    the published photos, in the same order."""
+    device = denoiser.device
+    fresh = denoiser.lora_state_dict()
+
+    def base_model() -> Denoiser:
+        denoiser.load_lora_state_dict(fresh)
+        return denoiser
+
+    ensemble = IdentityEnsemble.from_reference(list(recognizers), published.images.to(device),
+                                               published.landmarks.to(device), tau=1.0)
+
+    def measured(row: ProtectionRow) -> ProtectionRow:
+        row.denoise_loss, row.x0_cosine = measure_reconstruction(denoiser, held_out, ensemble, setup)
+        if setup.generations:
+            row.generation = measure_generations(denoiser, ensemble, detector, setup)
+        return row
+
+    # Every cloak is made before any work: a method's bad input (e.g. a missing weights file) stops
+    # the evaluation at once, not after the rows before it.
+    cloaks = [make_cloak(CloakRequest(method, setup.cloak, denoiser=base_model, class_images=class_images,
+                                      rid_weights=rid_weights)) for method in methods]
+    rows = [measured(ProtectionRow(BASE_ROW, None))]
+    candidates: list[tuple[str, Callable[[], tuple[Tensor, ProtectionRow]]]] = []
+    for cloak in cloaks:
+        def cloaked(cloak: Cloak = cloak) -> tuple[Tensor, ProtectionRow]:
+            outcome = run_cloak(cloak, published.images)
+            eta = None if cloak.method == "none" else setup.cloak.budget[0]
+            return outcome.cloaked, ProtectionRow(cloak.method, eta, _change(outcome.figures),
+                                                  outcome.seconds_per_photo, cloak_figures=_own(outcome.figures))
+        candidates.append((cloak.method, cloaked))
+    if given is not None:
+        candidates.append((GIVEN_ROW, lambda: (given, ProtectionRow(GIVEN_ROW, None,
+                                                                   change_figures(given, published.images)))))
+    for label, protect in candidates:
+        log(f"{label}: protecting {len(published)} photo(s)")
+        photos, row = protect()
+        log(f"{label}: attacking ({setup.attack.ft_steps} fine-tune steps)")
+        attack_photos(base_model(), photos, setup.attack, class_images=class_images)
+        rows.append(measured(row))
+    base_model()  # leave the denoiser as it came
+    return rows
+
+
+@torch.no_grad()
+def measure_reconstruction(denoiser: Denoiser, held_out: PhotoSet, ensemble: IdentityEnsemble,
+                           setup: EvaluationSetup) -> tuple[float, dict[str, float]]:
+    """(denoise_loss, x0_cosine per recognizer) of the denoiser's current model on the held-out
+    photos; the draws come from a generator seeded the same for every call."""
+    device = denoiser.device
+    generator = torch.Generator().manual_seed(setup.attack.seed)
+    cond = denoiser.encode_prompt([setup.attack.instance_prompt]).to(device)
+    images, landmarks = held_out.images.to(device), held_out.landmarks.to(device)
+    z0 = denoiser.encode(images)
+    losses = [float(reconstruction_loss(denoiser, z0, cond, draw_noise(denoiser, z0.shape, generator)))
+              for _ in range(setup.loss_draws)]
+    cosines = []
+    for t in setup.probe_timesteps:
+        noise = torch.randn(tuple(z0.shape), generator=generator).to(device)
+        draw = NoiseDraw(noise, torch.full((z0.shape[0],), t, dtype=torch.long, device=device))
+        x0_hat = denoised_prediction(denoiser, z0, cond, draw).clamp(0, 1)
+        cosines.append(ensemble.similarities(x0_hat, landmarks).mean(0))
+    mean_cosine = torch.stack(cosines).mean(0)
+    return (round(sum(losses) / len(losses), 5),
+            {name: round(float(v), 4) for name, v in zip(ensemble.names, mean_cosine)})
+
+
+@torch.no_grad()
+def measure_generations(denoiser: Denoiser, ensemble: IdentityEnsemble, detector,
+                        setup: EvaluationSetup) -> dict[str, Any]:
+    """FSR and mean identity cosine (per recognizer, over images with a face) of `generations`
+    images per prompt, the same seeds for every row."""
+    from .metrics import identity_similarity
+    from .sampling import generate_images
+
+    if detector is None:
+        raise ValueError("scoring generations needs a face detector.")
+    images = torch.cat([generate_images(denoiser, prompt, list(range(setup.generations)),
+                                        setup.attack.resolution, setup.attack.seed)
+                        for prompt in setup.prompts])
+    report = identity_similarity(ensemble, list(images), detector.detect(images))
+    return {"fsr": round(report.fsr, 4), "images": int(images.shape[0]),
+            "cosine": {name: (round(v, 4) if v is not None else None) for name, v in report.mean.items()}}
+
+
+def _change(figures: dict[str, Any]) -> dict[str, float]:
+    return {key: figures[key] for key in ("linf", "psnr", "ssim")}
+
+
+def _own(figures: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in figures.items() if key not in ("linf", "psnr", "ssim")}
