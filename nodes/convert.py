@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -112,3 +113,17 @@ def relative_names(text: str, names: Sequence[tuple[str, str]]) -> str:
 
 def figures_json(report: Mapping[str, Any]) -> str:
     return json.dumps(report, indent=1, sort_keys=True, default=float)
+
+
+def cloak_report(method: str, config, outcome) -> str:
+    """What IDDM Cloak Photos reports (and ComfyUI keeps in its history): the method, its settings,
+    the budget in [0,1] units and the figures of the run (no names; an unchanged photo's PSNR is null)."""
+    from comfyui_iddm.cloak import CLOAK_KNOBS
+
+    figures = {key: (None if isinstance(value, float) and math.isinf(value) else value)
+               for key, value in outcome.figures.items()}
+    return json.dumps({"method": method, "photos": int(outcome.cloaked.shape[0]),
+                       "budget_0_1": round(config.budget[0], 5),
+                       "settings": {name: getattr(config, name) for name in CLOAK_KNOBS},
+                       "figures": figures, "seconds_per_photo": round(outcome.seconds_per_photo, 3)},
+                      indent=1, sort_keys=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from comfyui_iddm.cloak import cloak_config
 from comfyui_iddm.config import KNOBS, PIXEL_RANGES, IDDMConfig
 from comfyui_iddm.precision import MIXED_PRECISION
 
@@ -69,9 +70,10 @@ class NodeSpec:
 _DEFAULT = IDDMConfig()
 
 
-def knob(name: str, type_: str, **limits: Any) -> Port:
-    """A widget for an IDDM knob: the default and tooltip come from the engine's config."""
-    default = getattr(_DEFAULT, name)
+def knob(name: str, type_: str, defaults: IDDMConfig = _DEFAULT, **limits: Any) -> Port:
+    """A widget for an IDDM knob: the default (of `defaults`, IDDM's own unless given) and the
+    tooltip come from the engine's config."""
+    default = getattr(defaults, name)
     if type_ == "STRING" and isinstance(default, tuple):
         default = ",".join(str(v) for v in default)
     spec = KNOBS[name]
@@ -306,8 +308,48 @@ SAVE_PUBLIC_IMAGE = NodeSpec(
     output_node=True,
 )
 
+_CLOAK_DEFAULT = cloak_config()
+CLOAK_METHODS = ("aspl", "noise", "none")  # the cloak methods that need no file of their own
+
+CLOAK = NodeSpec(
+    node_id="IDDMCloakPhotos",
+    display_name="IDDM Cloak Photos",
+    description=("Protects photos you are about to post: changes each one within a small budget (eta) so "
+                 "that a model someone else personalizes on them (DreamBooth, a LoRA) learns you badly. "
+                 "'aspl' is Anti-DreamBooth's method: it needs the model it protects against (MODEL, CLIP, "
+                 "VAE of an SD 1.x / 2.x checkpoint) and takes minutes. Save the result with IDDM Save "
+                 "Public Image, which writes nothing but the pixels."),
+    inputs=(
+        Port("images", "IMAGE", "The photos to cloak: square face crops whose side is a multiple of 8, "
+             "e.g. from IDDM Load Private Photos."),
+        Port("method", "COMBO", "aspl: Anti-DreamBooth's ASPL (raises a surrogate model's denoising loss "
+             "on the photos). noise: random noise of the same budget, the control a cloak must beat. "
+             "none: the photos unchanged.", "aspl", options=CLOAK_METHODS),
+        knob("eta", "FLOAT", _CLOAK_DEFAULT, step=0.005),
+        knob("pgd_alpha", "FLOAT", _CLOAK_DEFAULT, step=0.001, open_min=0.0001),
+        knob("iterations", "INT", _CLOAK_DEFAULT),
+        knob("pgd_steps", "INT", _CLOAK_DEFAULT),
+        knob("ft_steps", "INT", _CLOAK_DEFAULT),
+        knob("seed", "INT", _CLOAK_DEFAULT, seed=True),
+        Port("model", "MODEL", "For aspl: the diffusion model from Load Checkpoint.", optional=True),
+        Port("clip", "CLIP", "For aspl: the text encoder from Load Checkpoint.", optional=True),
+        Port("vae", "VAE", "For aspl: the VAE from Load Checkpoint.", optional=True),
+        knob("instance_prompt", "STRING", _CLOAK_DEFAULT, optional=True),
+        knob("lr", "FLOAT", _CLOAK_DEFAULT, step=1e-5, open_min=1e-7, optional=True),
+        knob("rank", "INT", _CLOAK_DEFAULT, optional=True),
+        knob("pixel_range", "COMBO", _CLOAK_DEFAULT, options=tuple(PIXEL_RANGES), optional=True),
+        knob("mixed_precision", "COMBO", _CLOAK_DEFAULT, options=MIXED_PRECISION, optional=True),
+    ),
+    outputs=(
+        Port("cloaked", "IMAGE", "The cloaked photos, same size; connect IDDM Save Public Image to save them."),
+        Port("report", "STRING", "Method, budget, change against the originals (largest pixel change, "
+             "PSNR, SSIM) and time per photo (JSON; no names)."),
+    ),
+    hidden_unique_id=True,
+)
+
 ALL_NODES: tuple[NodeSpec, ...] = (LOAD_PHOTOS, SPLIT, TRAIN, SIMILARITY, LOAD_LORA, SAVE_PUBLIC_IMAGE,
-                                   TRAIN_OPTIONS)
+                                   TRAIN_OPTIONS, CLOAK)
 BY_ID = {spec.node_id: spec for spec in ALL_NODES}
 
 

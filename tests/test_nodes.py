@@ -216,6 +216,6 @@ def test_every_node_names_files_relatively_in_its_errors():
     sources = {p.name: p.read_text() for p in (pack_nodes.REPO / "nodes").glob("*.py")}
     executes = {name: re.findall(r"((?:\n    @\w+)*)\n    def execute\(", text) for name, text in sources.items()}
     executes = {name: found for name, found in executes.items() if found}
-    assert len(executes) == 5 and sum(len(f) for f in executes.values()) >= 6
+    assert len(executes) == 6 and sum(len(f) for f in executes.values()) >= 7
     for name, decorators in executes.items():
         assert all("@comfy_relative_errors" in d for d in decorators), name
