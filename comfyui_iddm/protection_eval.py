@@ -156,6 +156,21 @@ def measure_generations(denoiser: Denoiser, ensemble: IdentityEnsemble, detector
             "cosine": {name: (round(v, 4) if v is not None else None) for name, v in report.mean.items()}}
 
 
+# Below this rise of the x0_hat identity cosine (every recognizer) from the base model to the attack
+# on unprotected photos, the attacker learnt no identity on this model: no protection can be ranked.
+LEARNT_COSINE = 0.01
+
+
+def attack_learnt(rows: Sequence[ProtectionRow]) -> dict[str, Any]:
+    """What the attack on unprotected photos ('none') learnt over the base model: the drop of the
+    denoising loss, the rise of each x0_hat cosine, and whether that is enough to rank protections."""
+    base = next(r for r in rows if r.method == BASE_ROW)
+    none = next(r for r in rows if r.method == "none")
+    rise = {name: round(none.x0_cosine[name] - base.x0_cosine[name], 4) for name in base.x0_cosine}
+    return {"denoise_loss_drop": round(base.denoise_loss - none.denoise_loss, 5), "x0_cosine_rise": rise,
+            "identity_learnt": any(v >= LEARNT_COSINE for v in rise.values())}
+
+
 def _change(figures: dict[str, Any]) -> dict[str, float]:
     return {key: figures[key] for key in ("linf", "psnr", "ssim")}
 

@@ -140,6 +140,10 @@ def test_evaluate_protection_measures_every_method_the_same_way(photos, test_rec
     assert rows["aspl"]["seconds_per_photo"] > rows["noise"]["seconds_per_photo"]
     for row in rows.values():
         assert set(row["x0_cosine"]) == {TEST_RECOGNIZER} and row["denoise_loss"] > 0
+    learnt = summary["attack_learnt"]
+    assert set(learnt["x0_cosine_rise"]) == {TEST_RECOGNIZER} and isinstance(learnt["identity_learnt"], bool)
+    assert learnt["denoise_loss_drop"] == pytest.approx(
+        rows["no attack (base model)"]["denoise_loss"] - rows["none"]["denoise_loss"], abs=1e-4)
     # the same measurement for every row: an unchanged model measures the same twice
     assert rows["no attack (base model)"]["denoise_loss"] == evaluate(photos)["rows"][0]["denoise_loss"]
 
@@ -149,6 +153,7 @@ def test_evaluate_protection_table_names_methods_never_photos(photos, test_recog
                                          "--method", "noise"])
     assert code == 0, stderr
     assert "method" in stdout and "noise" in stdout and "6.4/255" in stdout and f"x0 {TEST_RECOGNIZER}" in stdout
+    assert "the attack on unprotected photos against the base model" in stdout
     assert_no_names(stdout, photos)
 
 

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, parse_list
     from ..faces.detect import load_detector
     from ..faces.registry import load_recognizers, resolve_names
-    from ..protection_eval import EvaluationSetup, evaluate_protection
+    from ..protection_eval import EvaluationSetup, attack_learnt, evaluate_protection
     from .cloak import base_model_loader, check_input_file, use_threads
 
     use_threads(args.threads)
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
                                log=log)
     summary = {"published": len(published), "held_out": len(held_out), "attack_steps": attack.ft_steps,
                "resolution": attack.resolution, "pixel_range": cloak.pixel_range,
-               "generations_per_prompt": generations, "rows": [row_dict(r) for r in rows]}
+               "generations_per_prompt": generations, "rows": [row_dict(r) for r in rows],
+               "attack_learnt": attack_learnt(rows)}
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     return 0
 
@@ -183,6 +184,8 @@ def row_dict(row) -> dict:
 
 
 def format_table(summary: dict) -> str:
+    from ..protection_eval import LEARNT_COSINE
+
     rows = summary["rows"]
     names = list(rows[0]["x0_cosine"])
     generated = [r["generation"] for r in rows if r["generation"]]
@@ -214,6 +217,14 @@ def format_table(summary: dict) -> str:
                  + ("; FSR / gen: faces found in, and identity cosine of, its generations" if generated else "")
                  + ". A protection works when its row stays nearer the base model than 'none' does, "
                  "and more so than 'noise' of the same budget.")
+    learnt = summary["attack_learnt"]
+    rises = ", ".join(f"{name} {value:+.3f}" for name, value in learnt["x0_cosine_rise"].items())
+    lines.append(f"the attack on unprotected photos against the base model: denoise loss "
+                 f"{-learnt['denoise_loss_drop']:+.4f}, x0 cosine {rises}")
+    if not learnt["identity_learnt"]:
+        lines.append("WARNING: on this model the attacker learnt no identity (x0 cosine rose less than "
+                     f"{LEARNT_COSINE} under every recognizer), so these rows cannot rank protections; "
+                     "measure with a real checkpoint (README: Protecting photos you publish).")
     return "\n".join(lines)
 
 
