@@ -83,10 +83,11 @@ class IDDMTrain(io.ComfyNode):
 
 
 def chart_figures(report: dict) -> dict:
-    """What the web chart redraws from after a reload: per-iteration figures only."""
+    """What the web chart draws when the run ends (and after a reload): figures only."""
     return {"iterations": [{k: record.get(k, []) for k in ("stage1_loss", "stage2_score", "ft_loss")}
                            for record in report.get("iterations", [])],
-            "decoupled": report.get("decoupled", {})}
+            "decoupled": report.get("decoupled", {}), "identity": report.get("identity", []),
+            "seconds_total": report.get("seconds_total")}
 
 
 def _dtype_name(dtype) -> str:

@@ -143,7 +143,7 @@ def test_an_old_ui_graph_is_read_by_name_before_the_canvas_places_its_values():
     assert all(link[0] != 99 for link in migrated["links"]) and 99 not in \
         next(n for n in migrated["nodes"] if n["id"] == 4)["outputs"][0]["links"]
     # Graphs of the current layout are left alone.
-    current = json.loads((wg.WORKFLOWS / "iddm_train_and_generate.json").read_text())
+    current = json.loads(wg.ui_path("iddm_train_and_generate").read_text())
     assert run_migration(current) == (0, current)
 
 

@@ -12,11 +12,12 @@ import workflow_graphs as wg
 DEFS = wg.node_definitions()
 API_FILES = sorted((wg.WORKFLOWS / "api").glob("*.json"))
 UI_FILES = sorted(wg.WORKFLOWS.glob("*.json"))
+API_OF_UI = {wg.ui_path(name): wg.WORKFLOWS / "api" / f"{name}.json" for name in wg.GRAPHS}
 
 
 def test_the_three_workflows_ship_in_both_formats():
-    names = {p.stem for p in API_FILES}
-    assert names == set(wg.GRAPHS) == {p.stem for p in UI_FILES}
+    assert {p.stem for p in API_FILES} == set(wg.GRAPHS) == set(wg.TEMPLATES)
+    assert set(UI_FILES) == set(API_OF_UI)  # the UI files are named by their template titles
 
 
 def test_shipped_files_are_what_the_graph_description_renders():
@@ -33,7 +34,7 @@ def test_api_workflow_is_valid(path):
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
 def test_ui_workflow_is_the_same_valid_graph(path):
     ui = json.loads(path.read_text())
-    api = json.loads((wg.WORKFLOWS / "api" / path.name).read_text())
+    api = json.loads(API_OF_UI[path].read_text())
     assert wg.ui_to_api(ui, DEFS) == api
     nodes = {n["id"]: n for n in ui["nodes"]}
     for link_id, source, slot, target, target_slot, kind in ui["links"]:
@@ -86,8 +87,82 @@ def test_validator_catches_broken_graphs(break_it, expected):
 
 
 def test_ui_reader_refuses_a_wrong_widget_count():
-    ui = json.loads((wg.WORKFLOWS / "iddm_train_and_generate.json").read_text())
+    ui = json.loads(wg.ui_path("iddm_train_and_generate").read_text())
     train = next(n for n in ui["nodes"] if n["type"] == "IDDMTrain")
     train["widgets_values"].append(1)
     with pytest.raises(ValueError, match="too many"):
         wg.ui_to_api(ui, DEFS)
+
+
+def test_a_loader_of_the_lora_trained_in_the_graph_holds_a_listed_value():
+    """comfy-cli refuses a dropdown value the server does not list: "" was such a value."""
+    for path in API_FILES:
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"] == "IDDMLoadProtectedLoRA" and "lora" in node["inputs"]:
+                assert node["inputs"]["lora_name"] == wg.CONNECTED_LORA, path.name
+
+
+def _boxes(ui: dict) -> dict[int, tuple[float, float, float, float]]:
+    """Each node's box on the canvas, its title bar (30 px above pos) included."""
+    return {n["id"]: (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in ui["nodes"]}
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
+def test_workflows_read_left_to_right_without_overlaps(path):
+    ui = json.loads(path.read_text())
+    boxes = _boxes(ui)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    ids = sorted(boxes)
+    assert not [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if _overlap(boxes[a], boxes[b])]
+    for _, source, _, target, _, _ in ui["links"]:  # every link runs from left to right
+        assert boxes[source][2] < boxes[target][0], (nodes[source]["title"], nodes[target]["title"])
+    for node in ui["nodes"]:  # what the canvas draws fits: no node grows over its neighbour
+        assert node["size"][1] >= wg._height(node["type"], DEFS[node["type"]])
+        if node["type"] == "IDDMTrain":
+            assert node["size"][1] <= 650  # was over 1000 px with every setting on it
+
+
+def test_the_privacy_sweep_has_one_lane_per_rho():
+    ui = json.loads(wg.ui_path("iddm_privacy_sweep").read_text())
+    api = json.loads((wg.WORKFLOWS / "api" / "iddm_privacy_sweep.json").read_text())
+    boxes = _boxes(ui)
+    groups = ui["groups"]
+    assert [g["title"] for g in groups] == [api[t]["_meta"]["title"] for t in ("6", "7", "8")]
+    for lane, group in enumerate(groups):
+        x, y, w, h = group["bounding"]
+        members = [int(n) for n in api if n == str(6 + lane) or str(int(n) // 10) == str(lane + 1)]
+        assert len(members) == 8  # IDDM Train and its seven nodes from LoRA to saved portraits
+        for member in members:
+            left, top, right, bottom = boxes[member]
+            assert x <= left and right <= x + w and y <= top and bottom <= y + h, (group["title"], member)
+        # a lane is one row: its nodes side by side, not stacked into a tall column
+        assert h < 800
+    for a, b in zip(groups, groups[1:]):
+        assert a["bounding"][1] + a["bounding"][3] <= b["bounding"][1]
+
+
+def test_node_heights_follow_the_web_extensions_panels():
+    chart = (wg.REPO / "web" / "train_chart.js").read_text()
+    assert wg.PANELS["IDDMTrain"] == int(re.search(r"CHART_HEIGHT = (\d+)", chart).group(1)) + 4
+
+
+def test_templates_have_titles_descriptions_and_thumbnails():
+    from PIL import Image, ImageStat
+
+    for name, template in wg.TEMPLATES.items():
+        # The card shows two lines of title and two of description, about 20 and 32 characters each.
+        assert len(template.title) <= 40 and " " in template.title
+        assert template.description != template.title and len(template.description) <= 64
+        thumbnail = wg.ui_path(name).with_suffix(".jpg")
+        with Image.open(thumbnail) as image:
+            assert image.format == "JPEG" and image.size[0] == image.size[1] >= 256  # the card is square
+            spread = ImageStat.Stat(image.convert("L")).stddev[0]
+        assert spread > 8, f"{thumbnail.name} looks blank"  # a graph on the dark canvas: about 15-25
+    assert (wg.REPO / "web" / "templates.js").read_text() == wg.templates_js()
+    locales = json.loads((wg.REPO / "locales" / "en" / "main.json").read_text())
+    assert locales["templateWorkflows"]["category"]["comfyui-iddm"] == "IDDM privacy"

@@ -10,6 +10,7 @@ valid against the IDDM node specs (nodes/spec.py) and the stock nodes' interface
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,10 @@ def train_and_generate(defs) -> dict:
 def privacy_sweep(defs) -> dict:
     graph = _common(defs, CHECKPOINT, PHOTO_FOLDER)
     graph["9"] = _options(defs, "IDDM Train Options (shared: only rho differs)")
-    for lane, rho in enumerate((0.1, 0.3, 0.5)):
+    for lane, (rho, preset) in enumerate(((0.1, "privacy"), (0.3, "balanced"), (0.5, "likeness"))):
         train_id = str(6 + lane)
         label = f"rho {rho}"
-        graph[train_id] = _train(defs, "1", "5", "9", rho, f"IDDM Train {label}")
+        graph[train_id] = _train(defs, "1", "5", "9", rho, f"IDDM Train {label} ({preset})")
         _generate(graph, 10 + 10 * lane, defs, [train_id, 0], CONNECTED_LORA, "5", f"({label})")
     return graph
 
@@ -140,23 +141,47 @@ GRAPHS = {"iddm_train_and_generate": train_and_generate, "iddm_privacy_sweep": p
           "iddm_generate_from_protected_lora": generate_only}
 
 
+@dataclass(frozen=True)
+class Template:
+    """How ComfyUI's template browser shows a UI-format workflow. Its frontend (1.27 of ComfyUI
+    0.3.64, and later ones) reads nothing but the file name of a custom node's template: the name is
+    the title, the name again (- and _ as spaces) the description, and <name>.jpg the thumbnail.
+    So the UI file is named by its title; web/templates.js puts the description on the card."""
+    title: str
+    description: str
+    shows: tuple[str, ...]  # the nodes the thumbnail is cropped around
+
+
+TEMPLATES = {
+    "iddm_train_and_generate": Template(
+        "IDDM train and generate", "Your photos → a protected LoRA → portraits, with similarity.",
+        ("5", "9", "6", "10")),
+    "iddm_privacy_sweep": Template(
+        "IDDM privacy sweep over rho", "One photo set at rho 0.1, 0.3 and 0.5, side by side.",
+        ("6", "7", "10", "20")),
+    "iddm_generate_from_protected_lora": Template(
+        "IDDM generate from a protected LoRA", "Portraits from a LoRA you trained, checked against the photos.",
+        ("10", "11", "12")),
+}
+
+
+def ui_path(name: str) -> Path:
+    """The UI-format file of a graph (the API one is workflows/api/<name>.json)."""
+    return WORKFLOWS / f"{TEMPLATES[name].title}.json"
+
+
 # ----------------------------------------------------------------------------- UI format
 
 def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
+COLUMN_WIDTH, NODE_WIDTH, GAP, LANE_GAP, TOP = 380, 340, 50, 110, 40
+
+
 def to_ui(api: dict, defs: dict) -> dict:
-    """API graph -> litegraph workflow (what the canvas loads), laid out left to right by depth."""
-    depth: dict[str, int] = {}
-
-    def depth_of(node_id: str) -> int:
-        if node_id not in depth:
-            sources = [v[0] for v in api[node_id]["inputs"].values() if _is_link(v)]
-            depth[node_id] = 1 + max((depth_of(s) for s in sources), default=-1)
-        return depth[node_id]
-
-    column_y: dict[int, int] = {}
+    """API graph -> litegraph workflow (what the canvas loads), laid out to read left to right."""
+    layout = _layout(api, defs)
     nodes, links = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     for node_id in sorted(api, key=int):
@@ -164,13 +189,9 @@ def to_ui(api: dict, defs: dict) -> dict:
             if _is_link(value):
                 links.append([len(links) + 1, int(value[0]), value[1], int(node_id), None, None])
                 out_links.setdefault((value[0], value[1]), []).append(len(links))
-    for order, node_id in enumerate(sorted(api, key=lambda n: (depth_of(n), int(n)))):
+    for order, node_id in enumerate(sorted(api, key=lambda n: (layout.column[n], int(n)))):
         node = api[node_id]
         d = defs[node["class_type"]]
-        column = depth_of(node_id)
-        height = _height(node["class_type"], d)
-        y = column_y.get(column, 40)
-        column_y[column] = y + height + 60
         inputs, widgets = [], []
         for name, spec in d["inputs"].items():
             value = node["inputs"].get(name)
@@ -188,22 +209,92 @@ def to_ui(api: dict, defs: dict) -> dict:
             inputs.append({"name": name, "type": spec["type"], "link": link_id})
         outputs = [{"name": n, "type": t, "links": out_links.get((node_id, slot), []), "slot_index": slot}
                    for slot, (t, n) in enumerate(zip(d["outputs"], d["output_names"]))]
-        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * column, y],
-                      "size": [340, height], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
-                      "outputs": outputs, "title": node["_meta"]["title"],
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": list(layout.pos[node_id]),
+                      "size": [NODE_WIDTH, layout.height[node_id]], "flags": {}, "order": order, "mode": 0,
+                      "inputs": inputs, "outputs": outputs, "title": node["_meta"]["title"],
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     nodes.sort(key=lambda n: n["id"])
     return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+            "links": links, "groups": layout.groups, "config": {}, "extra": {}, "version": 0.4}
+
+
+class _Layout:
+    """Columns by depth (a node right of everything it reads). Each IDDM Train starts a lane: the
+    nodes that depend on it alone sit in one row band, so a lane reads left to right and lanes stack
+    (one per rho in the sweep); everything else is shared and stacks in the columns on the left."""
+
+    def __init__(self, api: dict, defs: dict) -> None:
+        self.api = api
+        sources = {n: [v[0] for v in node["inputs"].values() if _is_link(v)] for n, node in api.items()}
+        consumers = {n: [m for m in api if n in sources[m]] for n in api}
+        trains = sorted((n for n, node in api.items() if node["class_type"] == "IDDMTrain"), key=int)
+        self.lane = {n: self._lane(n, sources, trains) for n in api}
+        depth: dict[str, int] = {}
+
+        def depth_of(n: str) -> int:
+            if n not in depth:
+                depth[n] = 1 + max((depth_of(s) for s in sources[n]), default=-1)
+            return depth[n]
+
+        self.column = {n: depth_of(n) for n in api}
+        lane_columns = {self.column[n] for n in api if self.lane[n] is not None}
+        for n in api:  # a source node goes just left of what reads it, where no lane runs
+            if not sources[n] and consumers[n]:
+                wanted = min(self.column[m] for m in consumers[n]) - 1
+                if wanted not in lane_columns:
+                    self.column[n] = wanted
+        self.height = {n: _height(node["class_type"], defs[node["class_type"]]) for n, node in api.items()}
+        self.pos, self.groups = {}, []
+        shared_y: dict[int, int] = {}
+        for n in sorted((n for n in api if self.lane[n] is None), key=int):
+            y = shared_y.get(self.column[n], TOP)
+            self.pos[n] = (TOP + COLUMN_WIDTH * self.column[n], y)
+            shared_y[self.column[n]] = y + self.height[n] + GAP
+        lane_top = TOP
+        for lane, train in enumerate(trains):
+            members = sorted((n for n in api if self.lane[n] == lane), key=int)
+            cell_y: dict[int, int] = {}
+            for n in members:
+                y = cell_y.get(self.column[n], lane_top)
+                self.pos[n] = (TOP + COLUMN_WIDTH * self.column[n], y)
+                cell_y[self.column[n]] = y + self.height[n] + GAP
+            bottom = max(cell_y.values()) - GAP
+            if len(trains) > 1:
+                left = min(self.pos[n][0] for n in members) - 20
+                right = max(self.pos[n][0] for n in members) + NODE_WIDTH + 20
+                self.groups.append({"title": api[train]["_meta"]["title"],
+                                    "bounding": [left, lane_top - 60, right - left, bottom - lane_top + 80],
+                                    "color": "#3f789e", "font_size": 24})
+            lane_top = bottom + LANE_GAP
+
+    @staticmethod
+    def _lane(n: str, sources: dict, trains: list[str]) -> int | None:
+        """The lane of the one IDDM Train a node depends on (None: shared, or on several)."""
+        upstream, todo = set(), [n]
+        while todo:
+            m = todo.pop()
+            if m not in upstream:
+                upstream.add(m)
+                todo.extend(sources[m])
+        above = [i for i, t in enumerate(trains) if t in upstream]
+        return above[0] if len(above) == 1 else None
+
+
+def _layout(api: dict, defs: dict) -> _Layout:
+    return _Layout(api, defs)
+
+
+# What ComfyUI's canvas draws (LiteGraph's computeSize, measured on 0.3.64): 20 px per row of
+# sockets, 24 per widget, a panel's own height + 4, 14 of margins; text boxes and previews get room.
+PANELS = {"IDDMTrain": 250 + 4, "IDDMLoadProtectedLoRA": 80 + 4, "IDDMIdentitySimilarity": 64 + 4,
+          "CLIPTextEncode": 100, "PreviewImage": 240}
 
 
 def _height(class_type: str, d: dict) -> int:
-    """Roughly what the canvas draws: a row per socket line and per widget, plus panels."""
     widgets = sum(1 + bool(s.get("control_after_generate")) for s in d["inputs"].values()
                   if s["type"] in WIDGET_TYPES)
     sockets = max(len(d["outputs"]), sum(1 for s in d["inputs"].values() if s["type"] not in WIDGET_TYPES))
-    extra = {"IDDMTrain": 180, "IDDMIdentitySimilarity": 70, "CLIPTextEncode": 90}.get(class_type, 0)
-    return 40 + 24 * sockets + 28 * widgets + extra
+    return 14 + 20 * sockets + 24 * widgets + PANELS.get(class_type, 0)
 
 
 def ui_to_api(ui: dict, defs: dict) -> dict:
@@ -298,7 +389,7 @@ def render_all() -> dict[Path, dict]:
     for name, build in GRAPHS.items():
         api = build(defs)
         files[WORKFLOWS / "api" / f"{name}.json"] = api
-        files[WORKFLOWS / f"{name}.json"] = to_ui(api, defs)
+        files[ui_path(name)] = to_ui(api, defs)
     return files
 
 
@@ -306,8 +397,19 @@ def dump(data: dict) -> str:
     return json.dumps(data, indent=1) + "\n"
 
 
+TEMPLATES_JS = REPO / "web" / "templates.js"
+
+
+def templates_js() -> str:
+    descriptions = {t.title: t.description for t in TEMPLATES.values()}
+    return ("// Written by tests/workflow_graphs.py: the descriptions of the pack's templates, by title (file name).\n"
+            f"export const TEMPLATE_DESCRIPTIONS = {json.dumps(descriptions, indent=2, ensure_ascii=False)};\n")
+
+
 if __name__ == "__main__":
     for path, data in render_all().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dump(data))
         print("wrote", path.relative_to(REPO))
+    TEMPLATES_JS.write_text(templates_js())
+    print("wrote", TEMPLATES_JS.relative_to(REPO))

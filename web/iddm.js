@@ -1,144 +1,16 @@
 // IDDM web extension: a live chart on "IDDM Train" and the figures on "IDDM Identity Similarity".
 // It only receives figures (the "iddm.progress" events and the nodes' ui outputs); it never asks
-// the server for files.
+// the server for files. It also reads IDDM Train nodes of graphs saved with pack 0.1 by name.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { TRAIN, migrateLegacyTrainNodes } from "./legacy_graphs.js";
+import { CHART_HEIGHT, TrainChart } from "./train_chart.js";
+import { TEMPLATE_DESCRIPTIONS } from "./templates.js";
 
-const TRAIN = "IDDMTrain";
 const SIMILARITY = "IDDMIdentitySimilarity";
 const LOAD_LORA = "IDDMLoadProtectedLoRA";
-const CHART_HEIGHT = 170;
-const COLORS = { stage1: "#4aa3ff", stage2: "#ff6b5a", ft: "#8f8f8f", grid: "#444", text: "#ddd" };
-
-class TrainChart {
-  constructor() {
-    this.canvas = document.createElement("canvas");
-    this.canvas.className = "iddm-chart";
-    this.canvas.style.width = "100%";
-    this.canvas.style.height = `${CHART_HEIGHT}px`;
-    this.reset();
-  }
-
-  reset() {
-    this.points = []; // {done, iteration, phase, value}
-    this.total = 0;
-    this.draw();
-  }
-
-  add(event) {
-    if (event.done === 1) this.points = [];
-    this.points.push(event);
-    this.total = event.total;
-    this.draw();
-  }
-
-  // After a reload or a cached run: rebuild from the node's ui output (per-iteration figures).
-  fromReport(report) {
-    this.points = [];
-    let done = 0;
-    (report.iterations || []).forEach((record, k) => {
-      const ft = record.ft_loss || [];
-      const half = Math.floor(ft.length / 2);
-      const push = (phase, values) => values.forEach((value) => this.points.push({ done: ++done, iteration: k + 1, phase, value }));
-      push("finetune_reference", ft.slice(0, half));
-      push("stage1", record.stage1_loss || []);
-      push("stage2", record.stage2_score || []);
-      push("finetune_decoupled", ft.slice(half));
-    });
-    this.total = done;
-    this.draw();
-  }
-
-  series(phases) {
-    return this.points.filter((p) => phases.includes(p.phase));
-  }
-
-  draw() {
-    const canvas = this.canvas;
-    const ratio = window.devicePixelRatio || 1;
-    const width = Math.max(200, canvas.clientWidth || 300);
-    const height = CHART_HEIGHT;
-    canvas.width = width * ratio;
-    canvas.height = height * ratio;
-    const ctx = canvas.getContext("2d");
-    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
-    ctx.fillStyle = "#1e1e1e";
-    ctx.fillRect(0, 0, width, height);
-    const pad = { left: 8, right: 8, top: 22, bottom: 16 };
-    const plotW = width - pad.left - pad.right;
-    const plotH = height - pad.top - pad.bottom;
-    const total = Math.max(this.total, this.points.length, 1);
-    const xOf = (done) => pad.left + (plotW * (done - 0.5)) / total;
-
-    // Iteration markers: a dashed line where each iteration starts.
-    ctx.strokeStyle = COLORS.grid;
-    ctx.setLineDash([3, 3]);
-    ctx.fillStyle = COLORS.text;
-    ctx.font = "10px sans-serif";
-    let last = 0;
-    for (const p of this.points) {
-      if (p.iteration !== last) {
-        last = p.iteration;
-        const x = xOf(p.done) - plotW / total / 2;
-        ctx.beginPath();
-        ctx.moveTo(x, pad.top);
-        ctx.lineTo(x, pad.top + plotH);
-        ctx.stroke();
-        ctx.fillText(`k${p.iteration}`, x + 2, pad.top + plotH + 12);
-      }
-    }
-    ctx.setLineDash([]);
-
-    const plot = (points, color) => {
-      if (!points.length) return;
-      const values = points.map((p) => p.value);
-      let lo = Math.min(...values);
-      let hi = Math.max(...values);
-      if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
-      const yOf = (v) => pad.top + plotH * (1 - (v - lo) / (hi - lo));
-      ctx.strokeStyle = color;
-      ctx.fillStyle = color;
-      ctx.lineWidth = 1.5;
-      ctx.beginPath();
-      points.forEach((p, i) => {
-        // A new stroke where the series pauses (e.g. between the two fine-tunes of an iteration).
-        const joined = i > 0 && p.done === points[i - 1].done + 1;
-        if (joined) ctx.lineTo(xOf(p.done), yOf(p.value));
-        else ctx.moveTo(xOf(p.done), yOf(p.value));
-      });
-      ctx.stroke();
-      for (const p of points) ctx.fillRect(xOf(p.done) - 1.5, yOf(p.value) - 1.5, 3, 3);
-    };
-    plot(this.series(["finetune_reference", "finetune_decoupled"]), COLORS.ft);
-    plot(this.series(["stage1"]), COLORS.stage1);
-    plot(this.series(["stage2"]), COLORS.stage2);
-
-    // Legend with the latest value of each series.
-    const latest = (phases) => {
-      const s = this.series(phases);
-      return s.length ? s[s.length - 1].value.toFixed(3) : "-";
-    };
-    ctx.font = "10px sans-serif";
-    // Stage I: diffusion loss on the photos; Stage II: identity similarity S (lower = more private).
-    const legend = [
-      [COLORS.stage1, `Stage I ${latest(["stage1"])}`],
-      [COLORS.stage2, `Stage II S ${latest(["stage2"])}`],
-      [COLORS.ft, `fine-tune ${latest(["finetune_reference", "finetune_decoupled"])}`],
-    ];
-    let x = pad.left;
-    for (const [color, label] of legend) {
-      ctx.fillStyle = color;
-      ctx.fillRect(x, 7, 9, 9);
-      ctx.fillStyle = COLORS.text;
-      ctx.fillText(label, x + 12, 15);
-      x += ctx.measureText(label).width + 20;
-    }
-    if (!this.points.length) {
-      ctx.fillStyle = COLORS.text;
-      ctx.fillText("IDDM: the chart fills in while training runs", pad.left, pad.top + plotH / 2);
-    }
-  }
-}
+const OPTIONS = "IDDMTrainOptions";
+let trainInputNames = []; // IDDM Train's inputs as this server declares them
 
 function addPanel(node, name, element, height) {
   const widget = node.addDOMWidget(name, name, element, {
@@ -180,6 +52,44 @@ function addTextPanel(node, name, placeholder, height) {
   return pre;
 }
 
+function restoreLegacySettings(train) {
+  const { values, links } = train.properties.iddm_legacy;
+  delete train.properties.iddm_legacy;
+  for (const widget of train.widgets ?? []) {
+    if (widget.name in values) widget.value = values[widget.name];
+  }
+  train.setSize([train.size[0], train.computeSize()[1]]); // its saved height was for 29 widgets
+  const options = LiteGraph.createNode(OPTIONS);
+  if (!options) return; // an older server without the options node: nothing to hand over
+  for (const widget of options.widgets ?? []) {
+    if (widget.name in values) widget.value = values[widget.name];
+  }
+  options.pos = [train.pos[0], train.pos[1] - 40];
+  app.graph.add(options);
+  options.collapse(true); // a title bar above IDDM Train: open it to see the settings
+  options.connect(0, train, train.findInputSlot("options"));
+  for (const [name, [originId, originSlot]] of Object.entries(links)) {
+    app.graph.getNodeById(originId)?.connect(originSlot, options, options.findInputSlot(name));
+  }
+  app.graph.setDirtyCanvas(true, true);
+}
+
+// ComfyUI's template browser describes a custom node's template by its file name a second time;
+// the pack's own cards get their description instead (no other card is touched).
+const CARD = "template-workflow-";
+function describeTemplateCards(element) {
+  const cards = element.matches?.(`[data-testid^="${CARD}"]`) ? [element]
+    : element.querySelectorAll?.(`[data-testid^="${CARD}"]`) ?? [];
+  for (const card of cards) {
+    const description = TEMPLATE_DESCRIPTIONS[card.dataset.testid.slice(CARD.length)];
+    const paragraph = card.querySelector("p");
+    if (description && paragraph && paragraph.textContent !== description) {
+      paragraph.textContent = description;
+      paragraph.title = description;
+    }
+  }
+}
+
 function findNode(id) {
   if (id === null || id === undefined) return null;
   const local = String(id).split(":").pop(); // ids inside subgraphs look like "12:5"
@@ -191,10 +101,11 @@ app.registerExtension({
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === TRAIN) {
+      trainInputNames = [...Object.keys(nodeData.input?.required ?? {}), ...Object.keys(nodeData.input?.optional ?? {})];
       const created = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
         const result = created?.apply(this, arguments);
-        this.iddmChart = new TrainChart();
+        this.iddmChart = new TrainChart(() => this.widgets?.find((w) => w.name === "iterations")?.value);
         addPanel(this, "iddm_chart", this.iddmChart.canvas, CHART_HEIGHT);
         return result;
       };
@@ -235,7 +146,23 @@ app.registerExtension({
     }
   },
 
+  // Graphs saved with pack 0.1: their IDDM Train values are read by name before the canvas would
+  // place them by position (legacy_graphs.js), then set by name and the moved settings handed to an
+  // IDDM Train Options node next to it, so the graph trains as it did.
+  async beforeConfigureGraph(graphData) {
+    if (trainInputNames.length) migrateLegacyTrainNodes(graphData, trainInputNames);
+  },
+
+  async afterConfigureGraph() {
+    for (const node of app.graph?.nodes ?? []) {
+      if (node.type === TRAIN && node.properties?.iddm_legacy) restoreLegacySettings(node);
+    }
+  },
+
   setup() {
+    new MutationObserver((records) => {
+      for (const record of records) record.addedNodes.forEach((node) => node.nodeType === 1 && describeTemplateCards(node));
+    }).observe(document.body, { childList: true, subtree: true });
     api.addEventListener("iddm.progress", ({ detail }) => {
       const node = findNode(detail?.node);
       if (node?.iddmChart) {

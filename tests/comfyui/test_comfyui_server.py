@@ -61,7 +61,7 @@ def test_pack_loads_without_errors_and_declares_its_nodes(server):
             assert declared["input"][group][port.name][1]["tooltip"] == port.tooltip
     # ComfyUI's template browser lists the UI-format workflows (not the API ones).
     templates = server.get("/workflow_templates")
-    assert sorted(templates["comfyui-iddm"]) == sorted(wg.GRAPHS)
+    assert sorted(templates["comfyui-iddm"]) == sorted(t.title for t in wg.TEMPLATES.values())
     # The photo folder list offers our folder by its relative name only.
     folders = info["IDDMLoadPrivatePhotos"]["input"]["required"]["folder"][1]["options"]
     assert PHOTOS in folders and not any(f.startswith("/") for f in folders)
