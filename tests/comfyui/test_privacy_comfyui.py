@@ -15,6 +15,7 @@ import json
 import re
 
 import pytest
+import workflow_graphs as wg
 from PIL import Image
 
 from comfyui_fixtures import (REPO, ComfyServer, comfyui_marks, comfyui_path, ensure_tiny_checkpoint,
@@ -67,7 +68,7 @@ def run(server):
     graph["900"] = {"class_type": "SaveImage", "inputs": {"images": graph[public[0]]["inputs"]["images"],
                                                           "filename_prefix": STOCK_PREFIX}}
     # Queued the way the canvas queues: the UI graph travels along and Save Image embeds it too.
-    ui = json.loads((REPO / "workflows" / "iddm_train_and_generate.json").read_text())
+    ui = json.loads(wg.ui_path("iddm_train_and_generate").read_text())
     for node in ui["nodes"]:
         if node["type"] == "IDDMLoadPrivatePhotos":
             node["widgets_values"][0] = FOLDER
