@@ -67,3 +67,6 @@ def square_side(photos) -> int:
         raise ValueError(f"the photos are {width}x{height}; IDDM Cloak Photos needs square face crops whose "
                          "side is a multiple of 8. Load them with IDDM Load Private Photos.")
     return int(height)
+
+
+NODES = [IDDMCloakPhotos]

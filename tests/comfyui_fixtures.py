@@ -325,6 +325,8 @@ def tiny_run(api: dict, folder: str, lora_suffix: str) -> dict:
             # graphs without IDDM Train Options (pack 0.1's) give the settings to IDDM Train itself
             inputs.update(iterations=1, lora_name=f"iddm_test{lora_suffix}_{node_id}",
                           **({} if has_options else short))
+        elif kind == "IDDMCloakPhotos":
+            inputs.update(iterations=1, pgd_steps=2, ft_steps=1)
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=2)
         elif kind == "KSampler":

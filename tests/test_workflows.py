@@ -166,3 +166,14 @@ def test_templates_have_titles_descriptions_and_thumbnails():
     assert (wg.REPO / "web" / "templates.js").read_text() == wg.templates_js()
     locales = json.loads((wg.REPO / "locales" / "en" / "main.json").read_text())
     assert locales["templateWorkflows"]["category"]["comfyui-iddm"] == "IDDM privacy"
+
+
+def test_protect_photos_workflow_saves_the_cloaked_photos_with_pixels_only():
+    api = json.loads((wg.WORKFLOWS / "api" / "iddm_protect_photos_before_posting.json").read_text())
+    by_kind = {n["class_type"]: (node_id, n) for node_id, n in api.items()}
+    cloak_id, cloak = by_kind["IDDMCloakPhotos"]
+    assert cloak["inputs"]["images"] == [by_kind["IDDMLoadPrivatePhotos"][0], 0]
+    assert cloak["inputs"]["method"] == "aspl" and cloak["inputs"]["model"][0] == by_kind["CheckpointLoaderSimple"][0]
+    assert by_kind["IDDMSavePublicImage"][1]["inputs"]["images"] == [cloak_id, 0]
+    # nothing else writes the photos anywhere: no stock saver (metadata), no preview (temp/ is served)
+    assert set(by_kind) == {"CheckpointLoaderSimple", "IDDMLoadPrivatePhotos", "IDDMCloakPhotos", "IDDMSavePublicImage"}

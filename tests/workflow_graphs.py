@@ -137,8 +137,22 @@ def generate_only(defs) -> dict:
     return graph
 
 
+def protect_before_posting(defs) -> dict:
+    """Photos someone else might personalize a model on: cloaked against the model, saved with no metadata."""
+    return {
+        "1": _node("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=CHECKPOINT),
+        "2": _node("IDDMLoadPrivatePhotos", "Load the photos to post", folder=PHOTO_FOLDER,
+                   **{k: v for k, v in widget_defaults("IDDMLoadPrivatePhotos", defs).items() if k != "folder"}),
+        "3": _node("IDDMCloakPhotos", "IDDM Cloak Photos", images=["2", 0], model=["1", 0], clip=["1", 1],
+                   vae=["1", 2], **widget_defaults("IDDMCloakPhotos", defs)),
+        "4": _node("IDDMSavePublicImage", "Save Public Image (pixels only)", images=["3", 0],
+                   filename_prefix="cloaked", format="png", quality=95),
+    }
+
+
 GRAPHS = {"iddm_train_and_generate": train_and_generate, "iddm_privacy_sweep": privacy_sweep,
-          "iddm_generate_from_protected_lora": generate_only}
+          "iddm_generate_from_protected_lora": generate_only,
+          "iddm_protect_photos_before_posting": protect_before_posting}
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,9 @@ TEMPLATES = {
     "iddm_generate_from_protected_lora": Template(
         "IDDM generate from a protected LoRA", "Portraits from a LoRA you trained, checked against the photos.",
         ("10", "11", "12")),
+    "iddm_protect_photos_before_posting": Template(
+        "IDDM protect photos before posting", "Cloak photos so models trained on them learn you badly.",
+        ("2", "3", "4")),
 }
 
 
