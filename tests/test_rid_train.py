@@ -1,10 +1,13 @@
 """`iddm rid-train` (issue 14): a network file from a folder of faces, settings only in its header, bad
-input refused before anything is written. CPU, the tiny model, no downloads."""
+input refused before anything is written; `iddm cloak --method rid` with it. CPU, the tiny model, no
+downloads."""
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors import safe_open
 
+from comfyui_iddm.photos import load_photo_folder, pil_to_tensor, read_image
 from comfyui_iddm.rid import cloak_photos
 from comfyui_iddm.rid_weights import load_rid
 
@@ -73,3 +76,25 @@ def test_rid_train_refuses_missing_faces_and_a_folder_or_existing_file_as_output
     existing.write_bytes(b"old")
     code, _, stderr = run_cli_here(rid_argv(faces, existing))
     assert code == 2 and "already exists" in stderr and existing.read_bytes() == b"old"
+
+
+def test_cloak_with_the_trained_network_writes_pixels_only_within_the_budget(tmp_path):
+    from test_protection_cli import png_chunks
+
+    faces, photos = tmp_path / "faces", tmp_path / "bob"
+    write_photos(faces, 4, size=64)
+    write_photos(photos, 3, size=64, names=[f"bob_{i}.png" for i in range(3)], seed=7)
+    network, out = tmp_path / "rid.safetensors", tmp_path / "public"
+    assert run_cli_here(rid_argv(faces, network))[0] == 0
+    code, stdout, stderr = run_cli_here(["cloak", str(photos), "--method", "rid", "--rid-weights", str(network),
+                                         "--out", str(out), "--detector", "none", "--resolution", "64"])
+    assert code == 0, stderr
+    assert files_under(out) == {f"cloaked_{i:03d}.png" for i in range(3)}
+    for path in sorted(out.iterdir()):
+        assert png_chunks(path) == [b"IHDR", b"IDAT", b"IEND"]
+        assert b"bob" not in path.read_bytes()
+    assert "method rid" in stdout and "bob" not in stdout + stderr
+    assert "6.4 of 255" in stdout  # the cloak's budget (0.05 in [-1,1] pixels)
+    originals = load_photo_folder(photos, 64).images
+    cloaked = torch.stack([pil_to_tensor(read_image(p)) for p in sorted(out.iterdir())])
+    assert (cloaked - originals).abs().max() <= 0.025 + 1 / 255
