@@ -3,6 +3,7 @@
     python benchmarks/bench_fidelity.py [--photos-dir DIR] [--reference N] [--etas 0.03,0.05,0.08,0.10,0.15]
         [--variants paper,face_mask,...] [--surrogate dlib_resnet] [--held-out mobilefacenet]
         [--weights-dir DIR] [--resolution 256] [--iterations K] [--pgd-steps T] [--ft-steps N]
+        [--stage2-timesteps 0,20]
         [--plot FILE.png] [--json FILE]
 
 For each variant and eta: one IDDM run on the tiny model with one surrogate recognizer attacked and one
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="K (default: the config's)")
     parser.add_argument("--pgd-steps", type=int, default=None)
     parser.add_argument("--ft-steps", type=int, default=None)
+    parser.add_argument("--stage2-timesteps", default="0,20",
+                        help="Stage II timestep range (the curve's runs: 0,20; the config default: 0,200)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -105,7 +108,8 @@ def main() -> None:
 
     schedule = {k: v for k, v in (("iterations", args.iterations), ("pgd_steps", args.pgd_steps),
                                   ("ft_steps", args.ft_steps)) if v is not None}
-    base = dict(resolution=args.resolution, recognizers=(args.surrogate,), stage2_timesteps=(0, 20), **schedule)
+    base = dict(resolution=args.resolution, recognizers=(args.surrogate,),
+                stage2_timesteps=args.stage2_timesteps, **schedule)
     reference, protection = load_photos(8, args.resolution, args.photos_dir, args.reference)
     print(f"machine: {machine()}\nphotos: {len(reference)} reference + {len(protection)} protected at "
           f"{args.resolution} px; surrogate {args.surrogate}, held out {args.held_out}; settings "

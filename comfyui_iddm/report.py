@@ -25,7 +25,7 @@ from .config import KNOBS, LEGACY_PIXEL_RANGE, PAPER_PIXEL_RANGE, PIXEL_RANGES
 PAPER_TABLE5: dict[float, tuple[float, float]] = {0.05: (35.1, 0.90), 0.08: (32.8, 0.84),
                                                   0.10: (31.6, 0.80), 0.15: (30.0, 0.74)}
 HTML_NAME = "report.html"
-PLOT_NAMES = ("plot_iterations.png", "plot_identity.png", "plot_quality.png")
+PLOT_NAMES = ("plot_iterations.png", "plot_identity.png", "plot_quality.png", "plot_privacy_curve.png")
 STRIP_ROWS = 4  # photos shown in the strip; enough to judge, small enough to keep the page light
 ROLE_COLOURS = {"surrogate": "#c0392b", "held-out": "#2471a3"}
 
@@ -57,11 +57,11 @@ def write_report_html(report: dict[str, Any], out_dir: Path,
 
 
 # --- plots --------------------------------------------------------------------------------------
-def render_plots(report: dict[str, Any]) -> tuple[bytes | None, bytes | None, bytes | None]:
+def render_plots(report: dict[str, Any]) -> tuple[bytes | None, ...]:
     import matplotlib
     matplotlib.use("Agg")  # no display, no GUI toolkit: works on servers and in CI
     return (iterations_plot(report.get("iterations", [])), identity_plot(report.get("identity", [])),
-            quality_plot(report))
+            quality_plot(report), privacy_curve_plot(report))
 
 
 def _figure_png(fig) -> bytes:
@@ -168,6 +168,42 @@ def quality_plot(report: dict[str, Any]) -> bytes | None:
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     fig.suptitle("Quality of X' against X0 (higher = less visible change)", fontsize=9)
+    return _figure_png(fig)
+
+
+def relative_drops(report: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(recognizer, role, 1 - after/before) of this run, held-out recognizers first."""
+    rows = [(r["recognizer"], r["role"], 1 - r["after"] / r["before"])
+            for r in report.get("identity", []) if r.get("before")]
+    return sorted(rows, key=lambda r: r[1] != "held-out")
+
+
+def privacy_curve_plot(report: dict[str, Any]) -> bytes | None:
+    """This run's held-out drop against its PSNR, on the curves bench_fidelity measured."""
+    decoupled, drops = report.get("decoupled"), relative_drops(report)
+    if not decoupled or not drops:
+        return None
+    import matplotlib.pyplot as plt
+    from .fidelity_curve import CURVES, HELD_OUT, SETTINGS
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for (name, points), style in zip(CURVES.items(), ("o-", "s--", "^:", "v-.", "d--")):
+        ax.plot([p.psnr for p in points], [100 * p.held_out_drop for p in points], style, color="#aab7b8",
+                markersize=4, linewidth=1, label=name)
+        for p in points:
+            ax.annotate(f"{p.eta:g}", (p.psnr, 100 * p.held_out_drop), fontsize=6, color="#7f8c8d",
+                        xytext=(2, 2), textcoords="offset points")
+    for recognizer, role, drop in drops:
+        held_out = role == "held-out"
+        ax.plot([decoupled["psnr"]], [100 * drop], "o" if held_out else "x", markersize=9,
+                color=ROLE_COLOURS.get(role, "#7f8c8d"), label=f"this run: {recognizer} ({role})")
+    ax.set_xlabel("PSNR of X' against the photos (dB; right = less visible)", fontsize=8)
+    ax.set_ylabel("drop of the cosine to the person (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(f"Privacy per dB. Grey: {HELD_OUT} held out, bench_fidelity\n"
+                 f"({SETTINGS}; point labels: eta)", fontsize=8, loc="left")
     return _figure_png(fig)
 
 
@@ -309,7 +345,16 @@ def _quality_section(report: dict[str, Any], plots: dict[str, bytes]) -> str:
             "total; when that is well above the budget, most pixels end at its edge and PSNR "
             "falls (fewer steps, a smaller alpha or face_mask: higher PSNR).</p>")
     plot = _img(plots["plot_quality.png"], "PSNR and SSIM against the paper") if "plot_quality.png" in plots else ""
-    return text + "<div class='row'>" + html_table(["eta", "PSNR (dB)", "SSIM", "source"], rows, classes) + plot + "</div>"
+    curve = ("<p>Where this run sits on the trade-off: the relative drop of each recognizer's cosine to "
+             "the person (X' against X0) against PSNR, beside the curves benchmarks/bench_fidelity.py "
+             "measured on public photos of one person with the tiny model (grey; their eta in the "
+             "[-1,1] scale). A held-out recognizer's drop (circle) is the honest figure; an attacked "
+             "one's (cross) is higher by construction. Other photos, models and schedules move the "
+             "curve: it is a guide, not a guarantee.</p>"
+             + _img(plots["plot_privacy_curve.png"], "held-out drop against PSNR, this run on the measured curve")
+             if "plot_privacy_curve.png" in plots else "")
+    return (text + "<div class='row'>" + html_table(["eta", "PSNR (dB)", "SSIM", "source"], rows, classes)
+            + plot + "</div>" + curve)
 
 
 def _timing_section(report: dict[str, Any]) -> str:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from comfyui_iddm.config import IDDMConfig
 from comfyui_iddm.demo import demo_config, run_demo, sample_photo_path
+from comfyui_iddm.report import PLOT_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,22 +42,25 @@ def demo_run(tmp_path_factory):
     if shared is not None:
         shutil.copy(shared / "mobilefacenet.safetensors", weights / "mobilefacenet.safetensors")
     out = tmp_path_factory.mktemp("demo") / "out"
-    config = demo_config(resolution=128, iterations=2, pgd_steps=6, ft_steps=2)
+    config = demo_config(resolution=128, iterations=2, pgd_steps=6, ft_steps=2, eta=0.08)  # short run: a large step
     result = run_demo(out, config, weights_dir=weights, photos=6, reference=3, log=lambda line: None)
     return out, result, shared is not None
+
+
+def config_eta_in_unit_range(report: dict) -> float:
+    return IDDMConfig.from_dict(report["config"]).budget[0]
 
 
 @pytest.mark.realfaces
 def test_demo_writes_one_folder(demo_run) -> None:
     out, result, _ = demo_run
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["iddm_demo_lora.safetensors", "report.json", "report.html", "plot_iterations.png",
-                            "plot_identity.png", "plot_quality.png", "decoupled_000.png", "decoupled_001.png",
-                            "decoupled_002.png"])
+    assert names == sorted(["iddm_demo_lora.safetensors", "report.json", "report.html", *PLOT_NAMES,
+                            "decoupled_000.png", "decoupled_001.png", "decoupled_002.png"])
     report = json.loads((out / "report.json").read_text())
     assert report["photos"] == {"reference": 3, "protection": 3}
     assert report["config"]["resolution"] == 128 and len(report["iterations"]) == 2
-    assert report["decoupled"]["linf"] <= 0.08 + 1e-6
+    assert report["decoupled"]["linf"] <= config_eta_in_unit_range(report) + 1e-6
     assert result.report_html == out / "report.html"
 
 
@@ -64,7 +69,8 @@ def test_demo_report_is_self_contained_and_names_nothing(demo_run) -> None:
     out, _, _ = demo_run
     page = (out / "report.html").read_text(encoding="utf-8")
     sources = re.findall(r'\bsrc="([^"]*)"', page)
-    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)  # 3 plots + strip
+    assert len(sources) == len(PLOT_NAMES) + 1  # the plots and the strip
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r"<link\b|<script\b|url\(|href=", page, re.IGNORECASE)
     sample = sample_photo_path()
     forbidden = [sample.name, str(sample.parent), str(out), str(out.parent), "sample 0", "site-packages"]

@@ -173,3 +173,20 @@ def test_run_sweep_trains_each_rho(tmp_path: Path, test_recognizer) -> None:
     # rho 1: Stage I only, the identity is not attacked; rho 0: all Stage II, it is.
     after = {p["rho"]: p["identity"][0]["after"] for p in sweep["points"]}
     assert after[0.0] < after[1.0]
+
+
+def test_the_run_is_placed_on_the_measured_privacy_curve(written) -> None:
+    """Held-out first, each as 1 - after/before; the curve shipped with the engine is non-empty,
+    ordered by eta, and its points are figures (PSNR in dB, drops as fractions)."""
+    from comfyui_iddm.fidelity_curve import CURVES
+    from comfyui_iddm.report import relative_drops
+
+    drops = relative_drops(sample_report())
+    assert [d[:2] for d in drops] == [("mobilefacenet", "held-out"), ("dlib_resnet", "surrogate")]
+    assert [d[2] for d in drops] == pytest.approx([1 - 0.62 / 0.88, 1 - 0.41 / 0.93])
+    assert CURVES and all(len(points) >= 3 for points in CURVES.values())
+    for points in CURVES.values():
+        assert [p.eta for p in points] == sorted(p.eta for p in points)
+        assert all(20 < p.psnr < 60 and 0 <= p.held_out_drop < 1 for p in points)
+    _, page = written
+    assert "Where this run sits on the trade-off" in page
