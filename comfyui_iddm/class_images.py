@@ -82,16 +82,21 @@ class ClassImagePlan:
 
     @classmethod
     def check(cls, folder: Path | None, num_class_images: int | None, config: IDDMConfig,
-              hints: PriorHints = CLI_HINTS) -> "ClassImagePlan | None":
+              hints: PriorHints = CLI_HINTS, needed_by: str | None = None) -> "ClassImagePlan | None":
         """Every refusal before any work: weight without images and images without weight, a
-        missing or empty folder with nothing to generate, an unwritable folder to generate into."""
+        missing or empty folder with nothing to generate, an unwritable folder to generate into.
+        needed_by: what else uses the class images (then they are required, whatever the weight)."""
         if num_class_images is not None and folder is None:
             raise ConfigError("--num-class-images needs --class-dir DIR: the folder the class images are "
                               "generated into once and reused by later runs.")
         if num_class_images is not None and num_class_images < 1:
             raise ConfigError(f"--num-class-images {num_class_images} is not a positive count; "
                               "DreamBooth's example uses 100-200.")
-        check_prior_preservation(config.prior_weight, folder is not None, hints)
+        if needed_by is None:
+            check_prior_preservation(config.prior_weight, folder is not None, hints)
+        elif folder is None:
+            raise ConfigError(f"{needed_by} needs class images (other people of the class): give --class-dir "
+                              "DIR, with --num-class-images N to generate missing ones with the base model.")
         if folder is None:
             return None
         folder = Path(folder)

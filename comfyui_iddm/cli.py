@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # the engine imports torch: only inside main(), where a Ctrl-
     from .config import IDDMConfig
 
 # Sub-commands beside `train`, each a module in commands/ with add_parser(subparsers).
-COMMANDS = ("demo", "report", "sweep", "similarity", "audit", "rid_train", "cloak", "attack", "evaluate_protection")
+COMMANDS = ("demo", "report", "sweep", "similarity", "audit", "rid_train", "cloak", "attack", "evaluate_protection",
+            "immunize")
 
 # CLI flag names that differ from the shared knob names (DESIGN.md: `--alpha` is PGD's α).
 FLAG_NAMES = {"pgd_alpha": "alpha"}
@@ -21,23 +22,24 @@ FLAG_NAMES = {"pgd_alpha": "alpha"}
 
 def add_knob_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None,
                    defaults: Mapping[str, Any] | None = None, title: str | None = None,
-                   help_for: Mapping[str, str] | None = None) -> None:
+                   help_for: Mapping[str, str] | None = None, config_class: type | None = None,
+                   knobs: Mapping[str, Any] | None = None) -> None:
     """One flag per IDDMConfig field (or per field in `names`, without IDDM's presets), help text from
     the shared KNOBS table (or `help_for`), the default shown from `defaults` or IDDMConfig's; unset
-    flags stay None (knob_values)."""
+    flags stay None (knob_values). Another method's settings: its config_class and knobs table."""
     from .config import KNOBS, PRESETS, IDDMConfig
 
     group = parser.add_argument_group(title or "IDDM knobs (defaults: the paper's, or the preset's)")
-    if names is None:
+    if names is None and config_class is None:
         group.add_argument("--preset", choices=sorted(PRESETS), default="balanced",
                            help="privacy (rho 0.1), balanced (rho 0.3, default) or likeness (rho 0.5)")
-    for f in dataclasses.fields(IDDMConfig):
+    for f in dataclasses.fields(config_class or IDDMConfig):
         if names is not None and f.name not in names:
             continue
         flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
         kind = {"int": int, "float": float}.get(f.type, str)
         default = (defaults or {}).get(f.name, f.default)
-        text = (help_for or {}).get(f.name, KNOBS[f.name].help)
+        text = (help_for or {}).get(f.name, (knobs or KNOBS)[f.name].help)
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=f"{text} (default {'on' if default else 'off'})")
@@ -46,11 +48,13 @@ def add_knob_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None 
             group.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{text} (default {shown})")
 
 
-def knob_values(args: argparse.Namespace, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The IDDMConfig knobs (or those in `names`) given on the command line (unset flags left out)."""
+def knob_values(args: argparse.Namespace, names: Sequence[str] | None = None,
+                config_class: type | None = None) -> dict[str, Any]:
+    """The IDDMConfig (or config_class) knobs, or those in `names`, given on the command line (unset
+    flags left out)."""
     from .config import IDDMConfig
 
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(IDDMConfig)
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class or IDDMConfig)
             if getattr(args, f.name, None) is not None and (names is None or f.name in names)}
 
 

@@ -76,11 +76,17 @@ def lora_metadata(config: IDDMConfig, figures: Mapping[str, Any], *,
                   base_model_version: str | None = None) -> dict[str, str]:
     """safetensors header: one `iddm.<knob>` per setting, `iddm.version`, `iddm.figures` (aggregate
     numbers only) and the kohya `ss_*` keys UIs show. Nothing that identifies the photos."""
+    return {**settings_metadata("iddm", config.to_dict(), figures), **kohya_metadata(config, base_model_version)}
+
+
+def settings_metadata(prefix: str, settings: Mapping[str, Any], figures: Mapping[str, Any]) -> dict[str, str]:
+    """`<prefix>.<knob>` per setting, `<prefix>.version` and `<prefix>.figures` (aggregate numbers
+    only, checked): what a file made by the pack records about how it was made."""
     _check_numbers_only(figures, "figures")
-    meta = {f"iddm.{name}": _encode(value) for name, value in config.to_dict().items()}
-    meta["iddm.version"] = __version__
-    meta["iddm.figures"] = json.dumps(dict(figures), sort_keys=True)
-    return {**meta, **kohya_metadata(config, base_model_version)}
+    meta = {f"{prefix}.{name}": _encode(value) for name, value in settings.items()}
+    meta[f"{prefix}.version"] = __version__
+    meta[f"{prefix}.figures"] = json.dumps(dict(figures), sort_keys=True)
+    return meta
 
 
 def kohya_metadata(config: IDDMConfig, base_model_version: str | None = None) -> dict[str, str]:
@@ -142,17 +148,20 @@ def load_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable .safetensors file ({error}); expected a LoRA "
-                         "in kohya format such as `iddm train` writes.") from None
+    state, metadata = read_safetensors(path, "a LoRA in kohya format such as `iddm train` writes")
     if not any(k.endswith((DOWN, UP)) for k in state):
         raise ValueError(f"{path} holds no LoRA weights (no *{DOWN} / *{UP} keys); expected a LoRA "
                          "in kohya format such as `iddm train` writes, not a checkpoint or embedding.")
     return state, metadata
+
+
+def read_safetensors(path: Path, expected: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file; a ValueError saying what was `expected` otherwise."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable .safetensors file ({error}); expected {expected}.") from None
 
 
 def _encode(value: Any) -> str:

@@ -46,6 +46,15 @@ def reconstruction_loss(denoiser: Denoiser, z0: Tensor, cond: Tensor, draw: Nois
     return F.mse_loss(output, schedule.training_target(z0, draw.noise, draw.t), reduction=reduction)
 
 
+@torch.no_grad()
+def mean_reconstruction_loss(denoiser: Denoiser, z0: Tensor, cond: Tensor, generator: torch.Generator,
+                             draws: int) -> float:
+    """Eq. 8 averaged over `draws` noise draws (each with its own timesteps) from `generator`: a
+    measurement, comparable between models when the generator starts from the same seed."""
+    return sum(float(reconstruction_loss(denoiser, z0, cond, draw_noise(denoiser, z0.shape, generator)))
+               for _ in range(draws)) / draws
+
+
 def denoised_prediction(denoiser: Denoiser, z0: Tensor, cond: Tensor, draw: NoiseDraw) -> Tensor:
     """x0_hat = decode(predicted z0 from one denoising step of the frozen model at z_t), z0 = encode(x')."""
     schedule = denoiser.schedule

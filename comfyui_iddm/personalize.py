@@ -70,11 +70,12 @@ class FineTuning:
 
     @classmethod
     def start(cls, denoiser: Denoiser, config: "IDDMConfig", class_images: Tensor | None = None,
-              chunk: int = 1) -> "FineTuning":
-        """A fresh run: seeded generator, AdamW on the LoRA, fp16 loss scaling when the model needs it;
-        the class images (if any) encoded once, `chunk` at a time."""
+              chunk: int = 1, parameters: list[torch.nn.Parameter] | None = None) -> "FineTuning":
+        """A fresh run: seeded generator, AdamW on the LoRA (or on `parameters`), fp16 loss scaling when
+        the model needs it; the class images (if any) encoded once, `chunk` at a time."""
         generator = torch.Generator().manual_seed(config.seed)
-        optimizer = torch.optim.AdamW(denoiser.trainable_parameters(), lr=config.lr, weight_decay=1e-2)
+        trained = denoiser.trainable_parameters() if parameters is None else parameters
+        optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=1e-2)
         device = denoiser.device
         scaler = torch.amp.GradScaler(device.type) if needs_loss_scaling(denoiser.compute_dtype) else None
         with torch.no_grad():

@@ -47,6 +47,20 @@ class Denoiser(Protocol):
         """Inverse of lora_state_dict (used by resume); a state of another model is a LoRAError."""
 
 
+@runtime_checkable
+class UNetWeights(Protocol):
+    """What a door offers when the model itself changes, not only a LoRA on it: APDM's full-UNet
+    protection trains these weights, and the evaluation folds a protection LoRA into them before an
+    attacker's fresh LoRA goes on top (the diffusers door has it)."""
+
+    def unet_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The UNet's own weights (no LoRA) by their standard names, as stored."""
+
+    def merge_lora(self) -> None:
+        """Adds the current LoRA's change to the UNet's weights and puts the LoRA back to its fresh
+        start (up = 0): the model stays the same, the next fine-tune starts a new LoRA on it."""
+
+
 class IdentityScorer(Protocol):
     """Eq. 10-12 for a fixed identity: the softmax(s/tau)-weighted similarity S of faces to the
     identity prototypes of an ensemble of recognizers (faces/ensemble.py implements it)."""

@@ -113,13 +113,7 @@ class DiffusersDenoiser:
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha,
                                     target_modules=LORA_TARGETS))
-        generator = torch.Generator().manual_seed(config.seed)
-        with torch.no_grad():
-            for module in lora_modules(unet).values():
-                down, up = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
-                down.weight.data = lora_io.kaiming_uniform_down(
-                    config.rank, down.in_features, generator).to(down.weight.device)
-                up.weight.data = torch.zeros_like(up.weight, dtype=torch.float32)
+        _fresh_lora(unet, config)
         return unet.eval()
 
     # --- the Denoiser port ------------------------------------------------------------------
@@ -166,8 +160,32 @@ class DiffusersDenoiser:
             modules[name].lora_A[ADAPTER].weight.copy_(down)
             modules[name].lora_B[ADAPTER].weight.copy_(up)
 
+    # --- beyond the port: the UNet's own weights (ports.UNetWeights) ---------------------------
+    def unet_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name.replace(".base_layer", ""): p for name, p in self.unet.named_parameters()
+                if ".lora_" not in name}
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        for module in lora_modules(self.unet).values():
+            base = module.get_base_layer().weight
+            delta = module.lora_B[ADAPTER].weight @ module.lora_A[ADAPTER].weight * module.scaling[ADAPTER]
+            base += delta.to(base.dtype)
+        _fresh_lora(self.unet, self.config)
+
     def _autocast(self):
         return precision_autocast(self.device, self.compute_dtype)
+
+
+@torch.no_grad()
+def _fresh_lora(unet: UNet2DConditionModel, config: IDDMConfig) -> None:
+    """Every LoRA layer at the start of training: down seeded Kaiming-uniform, up = 0 (the base model)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    for module in lora_modules(unet).values():
+        down, up = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
+        down.weight.data = lora_io.kaiming_uniform_down(
+            config.rank, down.in_features, generator).to(down.weight.device)
+        up.weight.data = torch.zeros_like(up.weight, dtype=torch.float32)
 
 
 def lora_modules(unet: UNet2DConditionModel) -> dict[str, LoraLayer]:

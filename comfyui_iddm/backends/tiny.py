@@ -109,3 +109,27 @@ def build_tiny(prediction_type: str = "epsilon", model_seed: int = 0) -> TinyPar
         unet = tiny_unet()
         prompt_encoder = HashedPromptEncoder()
     return TinyParts(unet, PixelUnshuffleCodec(), prompt_encoder, tiny_scheduler(prediction_type))
+
+
+def pretrain(denoiser, images: Tensor, steps: int, *, lr: float = 1e-3, prompt: str = "a photo of person",
+             batch_size: int = 4, seed: int = 0) -> list[float]:
+    """Trains every UNet weight of a tiny denoiser (diffusers door) on `images` with the engine's
+    fine-tune loop: a tiny base that denoises faces, for what needs a model with something to lose
+    (a protected model must keep denoising everyone else; a random UNet has nothing to keep).
+    Returns the loss of each step."""
+    from ..config import IDDMConfig
+    from ..iddm import frozen
+    from ..personalize import FineTuning, encode_in_chunks
+
+    weights = list(denoiser.unet_parameters().values())
+    config = IDDMConfig(lr=lr, batch_size=batch_size, seed=seed, instance_prompt=prompt, resolution=images.shape[-1],
+                        mixed_precision="no", rho=1.0, pgd_steps=0, recognizers=("none",))
+    for p in weights:
+        p.requires_grad_(True)
+    try:
+        with frozen(denoiser.trainable_parameters()):  # the LoRA stays at its fresh start
+            training = FineTuning.start(denoiser, config, parameters=weights)
+            return training.run(encode_in_chunks(denoiser, images, batch_size), steps)
+    finally:
+        for p in weights:
+            p.requires_grad_(False)

@@ -39,19 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from ..class_images import ClassImagePlan
     from ..cli import ProgressBar, knob_values
     from ..lora_io import kohya_metadata, save_lora
-    from ..photos import load_photo_folder
-    from .cloak import base_model_loader, face_detector, use_threads
+    from .cloak import photos_and_model, use_threads
 
     use_threads(args.threads)
     config = attack_config(**knob_values(args, ATTACK_KNOBS))
     class_plan = ClassImagePlan.check(args.class_dir, args.num_class_images, config)
     atomic.check_writable(args.out, args.overwrite, "attack.safetensors")
     with ProgressBar() as progress:
-        photos = load_photo_folder(args.photos_dir, config.resolution, face_detector(args.detector, args.device))
-        for issue in photos.issues:
-            progress.write(f"{issue.name}: {issue.reason}")
-        denoiser = base_model_loader(args.base, config, args.device, args.config_dir)()
-        class_images = class_plan.prepare(denoiser, config, progress.write) if class_plan else None
+        photos, denoiser, class_images = photos_and_model(args, args.photos_dir, config, class_plan, progress)
         result = attack_photos(denoiser, photos.images, config, class_images=class_images,
                                on_progress=progress.update)
     save_lora(args.out, result.lora, kohya_metadata(config, getattr(denoiser, "base_model_version", None)),

@@ -125,6 +125,19 @@ def face_detector(name: str, device: str):
     return load_detector(name, device=device)
 
 
+def photos_and_model(args: argparse.Namespace, photos_dir: Path, config, class_plan, progress):
+    """(face crops of the photos, the base model, its class images or None) for a command that
+    fine-tunes: photo problems written to the user's terminal, missing class images generated."""
+    from ..photos import load_photo_folder
+
+    photos = load_photo_folder(photos_dir, config.resolution, face_detector(args.detector, args.device))
+    for issue in photos.issues:
+        progress.write(f"{issue.name}: {issue.reason}")
+    denoiser = base_model_loader(args.base, config, args.device, args.config_dir)()
+    class_images = class_plan.prepare(denoiser, config, progress.write) if class_plan else None
+    return photos, denoiser, class_images
+
+
 def base_model_loader(base: str | None, config, device: str, config_dir: str | None):
     """The base model, loaded on first call and kept (a method that needs none never loads it)."""
     from ..config import ConfigError

@@ -64,6 +64,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--detector", choices=["auto", "mtcnn", "scrfd", "none"], default="auto",
                    help="face detector for the crops, landmarks and generations (none: the photos are "
                         "face-centred crops already; no generations)")
+    model_side = p.add_argument_group(
+        "model-side protections (e.g. `iddm immunize`): attacked on the clean photos, beside the cloaks")
+    model_side.add_argument("--protected-model", type=Path, action="append", default=[], metavar="FILE",
+                            help="a protected model of --base (UNet checkpoint or LoRA); repeat for several")
+    model_side.add_argument("--other-people", type=Path, default=None, metavar="DIR",
+                            help="photos of other people: the protected model's denoising loss on them "
+                                 "(class prompt) against the base model's")
+    model_side.add_argument("--generic", type=Path, default=None, metavar="DIR",
+                            help="generic images (no people needed): the same check under 'a photo'")
+    model_side.add_argument("--different-person", type=Path, default=None, metavar="DIR",
+                            help="photos of one other person: the same attack on them (half published, half "
+                                 "held out) from the base and from the protected model")
+    p.add_argument("--attacker-transform", default="none", metavar="SPEC",
+                   help="what happens to every photo the attacker trains on first: 'none', or e.g. "
+                        "'jpeg:75,resize:0.5' (shrunk to half the side, JPEG quality 75, scaled back up)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     add_model_flags(p)
     add_knob_flags(p, CLOAK_KNOBS, CLOAK_DEFAULTS,
@@ -81,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, parse_list
     from ..faces.detect import load_detector
     from ..faces.registry import load_recognizers, resolve_names
+    from ..photo_transforms import PhotoTransform
     from ..protection_eval import EvaluationSetup, attack_learnt, evaluate_protection
     from .cloak import base_model_loader, check_input_file, use_threads
 
@@ -102,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
     if args.generations is not None and args.generations < 0:
         raise ConfigError(f"--generations {args.generations} is negative; give 0 or more images per prompt.")
     check_input_file(args.rid_weights, "--rid-weights")
+    transform = PhotoTransform.parse(args.attacker_transform)
+    models = protected_models(args.protected_model)
+    if not models and (args.other_people or args.generic or args.different_person):
+        raise ConfigError("--other-people, --generic and --different-person check a protected model: give "
+                          "--protected-model FILE too.")
     class_plan = ClassImagePlan.check(args.class_dir, args.num_class_images, attack)
 
     def log(message: str) -> None:
@@ -117,15 +138,16 @@ def run(args: argparse.Namespace) -> int:
     recognizers = load_recognizers(resolve_names(parse_list(args.recognizers), args.weights_dir),
                                    args.weights_dir, args.device)
     denoiser = base_model_loader(args.base, attack, args.device, args.config_dir)()
-    setup = EvaluationSetup(attack=attack, cloak=cloak, generations=generations)
+    setup = EvaluationSetup(attack=attack, cloak=cloak, generations=generations, transform=transform)
     class_images = class_plan.prepare(denoiser, attack, log) if class_plan else None
     rows = evaluate_protection(denoiser, published, held_out, methods, recognizers, setup, given=given,
                                detector=detector, class_images=class_images, rid_weights=args.rid_weights,
+                               protected_models=models, utility=utility_sets(args, cloak.resolution, detector, log),
                                log=log)
     summary = {"published": len(published), "held_out": len(held_out), "attack_steps": attack.ft_steps,
                "resolution": attack.resolution, "pixel_range": cloak.pixel_range,
                "generations_per_prompt": generations, "rows": [row_dict(r) for r in rows],
-               "attack_learnt": attack_learnt(rows)}
+               "attack_learnt": attack_learnt(rows), "attacker_transform": transform.label}
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     return 0
 
@@ -149,6 +171,54 @@ def clean_sets(args: argparse.Namespace, resolution: int, detector, log):
         raise ConfigError(f"--held-out-count {count} leaves no published or no held-out photo of the "
                           f"{n} usable --clean photos; choose between 1 and {n - 1}, or give --held-out DIR.")
     return clean.subset(range(n - count)), clean.subset(range(n - count, n))
+
+
+def protected_models(paths: list[Path]):
+    """Each --protected-model file, labelled by number and what made it (never by its name)."""
+    from ..apdm_weights import load_protection
+    from ..protection_eval import ProtectedModel
+
+    models = []
+    for number, path in enumerate(paths, 1):
+        protection = load_protection(path)
+        made = (f"APDM {protection.settings['protect_loss']}" if protection.settings else "protected model")
+        models.append(ProtectedModel(f"model {number}: {made} ({protection.form})", protection))
+    return models
+
+
+def utility_sets(args: argparse.Namespace, resolution: int, detector, log):
+    """The photos of the utility checks (None without any)."""
+    from ..class_images import class_image_files, fit_class_images
+    from ..config import ConfigError
+    from ..photos import load_photo_folder, pil_to_tensor, read_image
+    from ..protection_eval import UtilitySets
+
+    if not (args.other_people or args.generic or args.different_person):
+        return None
+    import torch
+
+    def faces(folder: Path):
+        photos = load_photo_folder(folder, resolution, detector)
+        for issue in photos.issues:
+            log(f"{issue.name}: {issue.reason}")
+        return photos
+
+    generic = None
+    if args.generic is not None:
+        files = class_image_files(args.generic) if args.generic.is_dir() else []
+        if not files:
+            raise ConfigError(f"--generic {args.generic} holds no images; give a folder of images.")
+        generic = torch.cat([fit_class_images(pil_to_tensor(read_image(f))[None], resolution) for f in files])
+    different = None
+    if args.different_person is not None:
+        person = faces(args.different_person)
+        if len(person) < 2:
+            raise ConfigError(f"--different-person needs at least 2 usable photos (half published, half held "
+                              f"out); {len(person)} found.")
+        half = len(person) - len(person) // 2
+        different = (person.subset(range(half)), person.subset(range(half, len(person))))
+    return UtilitySets(other_people=faces(args.other_people).images if args.other_people else None,
+                       generic=generic, different_person=different)
 
 
 def read_protected(folder: Path, expected: int, resolution: int):
@@ -225,7 +295,36 @@ def format_table(summary: dict) -> str:
         lines.append("WARNING: on this model the attacker learnt no identity (x0 cosine rose less than "
                      f"{LEARNT_COSINE} under every recognizer), so these rows cannot rank protections; "
                      "measure with a real checkpoint (README: Protecting photos you publish).")
+    if summary["attacker_transform"] != "none":
+        lines.append(f"every photo the attacker trained on went through: {summary['attacker_transform']}")
+    lines += utility_lines(rows)
     return "\n".join(lines)
+
+
+def utility_lines(rows: list[dict]) -> list[str]:
+    """Per protected model: where the attack started, and what the model still does next to the base
+    model (targets: other people's and generic images within 5%, a different person within 10%)."""
+    lines = []
+    for r in rows:
+        u = r["utility"]
+        if not u:
+            continue
+        lines.append(f"{r['method']}: before the attack, denoise loss {u['before_attack']['denoise_loss']:.4f} on "
+                     "the held-out photos")
+        for name, what in (("other_people", "other people's photos (class prompt)"),
+                           ("generic", "generic images ('a photo')")):
+            if name in u:
+                f = u[name]
+                lines.append(f"  denoise loss on {what}: base {f['base']:.4f} -> protected {f['protected']:.4f} "
+                             f"({f['change']:+.1%}; target within 5%)")
+        if "different_person" in u:
+            f = u["different_person"]
+            cosines = ", ".join(f"x0 {n} {f['base']['x0_cosine'][n]:.3f} -> {f['protected']['x0_cosine'][n]:.3f}"
+                                for n in f["base"]["x0_cosine"])
+            lines.append(f"  a different person, the same attack from the base -> the protected model: denoise loss "
+                         f"{f['base']['denoise_loss']:.4f} -> {f['protected']['denoise_loss']:.4f} "
+                         f"({f['change']:+.1%}; target within 10%), {cosines}")
+    return lines
 
 
 def _number(value, fmt: str, missing: str = "-") -> str:
