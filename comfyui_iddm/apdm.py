@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -58,6 +59,7 @@ from .losses import NoiseDraw, draw_noise, mean_reconstruction_loss, reconstruct
 from .personalize import FineTuning, encode_in_chunks, random_batch
 from .pgd import loss_scale_for
 from .ports import Denoiser, UNetWeights
+from .run_state import StateMismatchError, load_last_iteration, save_iteration
 from .precision import MIXED_PRECISION
 
 PROTECT_LOSSES = ("dpo", "naive")
@@ -197,6 +199,14 @@ class ProtectedWeights:
     def values(self) -> list[Tensor]:
         return [p.detach().clone() for p in self.parameters]
 
+    @torch.no_grad()
+    def load(self, denoiser: Denoiser, state: dict[str, Tensor]) -> None:
+        """Inverse of export (a resumed run)."""
+        if self.form == "lora":
+            denoiser.load_lora_state_dict(state)
+        else:
+            _copy_into(self.parameters, [state[name] for name in self.names])
+
 
 @torch.no_grad()
 def _copy_into(parameters: list[torch.nn.Parameter], values: list[Tensor]) -> None:
@@ -260,10 +270,11 @@ class ProtectionData:
 
 def run_apdm(denoiser: Denoiser, subject: Tensor, config: APDMConfig, *, class_images: Tensor | None = None,
              on_progress: Callable[[ProgressEvent], None] | None = None,
-             should_cancel: Callable[[], bool] | None = None) -> APDMResult:
+             should_cancel: Callable[[], bool] | None = None, state_dir: Path | None = None) -> APDMResult:
     """Protects the denoiser's model against learning the person in `subject` ([N,3,R,R] in [0,1]);
     class_images: images of other people (DPO's preferred side, prior preservation). The model is
-    left protected (its LoRA, or its UNet weights, changed)."""
+    left protected (its LoRA, or its UNet weights, changed). With `state_dir`, every finished
+    iteration is saved there and a run found there is continued (the same result as without a stop)."""
     if config.needs_class_images() and class_images is None:
         raise ConfigError("APDM needs class images (other people: DPO's preferred side"
                           + (", and prior preservation" if config.prior_weight > 0 else "")
@@ -277,10 +288,37 @@ def run_apdm(denoiser: Denoiser, subject: Tensor, config: APDMConfig, *, class_i
         attacker = FineTuning.start(denoiser, ft_config, class_images, parameters=weights.parameters)
         optimizer = torch.optim.AdamW(weights.parameters, lr=config.lr, weight_decay=1e-2)
         data = _protection_data(denoiser, subject, class_images, attacker, config)
-        for i in range(1, config.iterations + 1):
+        check = _subject_check(denoiser, data, config.seed)
+        first, seconds_before = 1, 0.0
+        resumed = load_last_iteration(state_dir, config.to_dict()) if state_dir is not None else None
+        if resumed is not None:
+            if abs(resumed.meta["subject_check"] - check) > 1e-4 * abs(check):
+                raise StateMismatchError(f"the saved run in {state_dir} protected other photos; resume with the "
+                                         "same photos, or delete that folder to start over.")
+            weights.load(denoiser, {k[8:]: v for k, v in resumed.tensors.items() if k.startswith("weights.")})
+            optimizer.load_state_dict(resumed.optimizer)
+            attacker.generator.set_state(resumed.tensors["generator_state"])
+            history = [APDMRecord(**record) for record in resumed.meta["history"]]
+            first, seconds_before = resumed.iteration + 1, resumed.meta["seconds"]
+            counter.done = resumed.iteration * 2 * config.ft_steps
+        for i in range(first, config.iterations + 1):
             history.append(_l2p_iteration(denoiser, weights, attacker, optimizer, data, config, counter, i))
+            if state_dir is not None:
+                tensors = {f"weights.{k}": v for k, v in weights.export(denoiser).items()}
+                save_iteration(state_dir, i, {**tensors, "generator_state": attacker.generator.get_state()},
+                               optimizer.state_dict(), {
+                                   "config": config.to_dict(), "subject_check": check,
+                                   "history": [dataclasses.asdict(r) for r in history],
+                                   "seconds": seconds_before + time.perf_counter() - started})
     figures = effect_figures(denoiser, weights, data, config.seed)
-    return APDMResult(weights.export(denoiser), weights.form, history, figures, time.perf_counter() - started)
+    return APDMResult(weights.export(denoiser), weights.form, history, figures,
+                      seconds_before + time.perf_counter() - started)
+
+
+def _subject_check(denoiser: Denoiser, data: "ProtectionData", seed: int) -> float:
+    """A figure of the base model on the person's photos: a saved run whose figure differs protected
+    other photos (no fingerprint of the photos is ever stored)."""
+    return mean_reconstruction_loss(denoiser, data.subject, data.cond, torch.Generator().manual_seed(seed), 2)
 
 
 def _protection_data(denoiser: Denoiser, subject: Tensor, class_images: Tensor | None, attacker: FineTuning,

@@ -73,23 +73,54 @@ def has_saved_state(state_dir: Path) -> bool:
 
 
 def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:
+    tensors = {f"lora.{k}": v for k, v in state.lora.items()}
+    tensors["decoupled"] = state.decoupled
+    tensors["generator_state"] = state.generator_state
+    save_iteration(state_dir, state.iteration, tensors, state.optimizer,
+                   {"history": state.history, "seconds": state.seconds, "config": config.to_dict()})
+
+
+def load_latest_state(state_dir: Path, config: IDDMConfig, original: Tensor) -> RunState | None:
+    """The last finished iteration's state, or None when there is nothing to resume.
+
+    `original` is X0 of this run: a saved X' farther than eta from it was made from other photos
+    (the check needs no fingerprint of the photos, which must never be stored)."""
+    saved = load_last_iteration(state_dir, config.to_dict())
+    if saved is None:
+        return None
+    decoupled = saved.tensors["decoupled"]
+    if decoupled.shape != original.shape or float((decoupled - original).abs().max()) > config.eta + 1e-5:
+        raise StateMismatchError(f"the saved run in {state_dir} was made from other photos; resume with the "
+                                 "same photos, or delete that folder to start over.")
+    return RunState(saved.iteration, {k[5:]: v for k, v in saved.tensors.items() if k.startswith("lora.")},
+                    saved.optimizer, saved.tensors["generator_state"], decoupled, saved.meta["history"],
+                    saved.meta["seconds"])
+
+
+@dataclass
+class SavedIteration:
+    iteration: int
+    tensors: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    meta: dict[str, Any]  # JSON: "config" (the run's settings) and whatever the run keeps
+
+
+def save_iteration(state_dir: Path, iteration: int, tensors: dict[str, Tensor], optimizer: dict[str, Any],
+                   meta: dict[str, Any]) -> None:
+    """Saves one finished iteration (tensors, optimizer state, JSON meta with the run's "config") into
+    a fresh sub-folder renamed into place when complete; older ones are then removed."""
     state_dir, staging = Path(state_dir), None
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=state_dir))
-        tensors = {f"lora.{k}": v.contiguous() for k, v in state.lora.items()}
-        tensors["decoupled"] = state.decoupled.contiguous()
-        tensors["generator_state"] = state.generator_state
         # Not .safetensors: ComfyUI's LoRA lists would otherwise show these files. Serialized in
         # memory and written by Python, so a full disk raises OSError (save_file's error is not one).
-        (staging / "tensors.bin").write_bytes(save(tensors))
+        (staging / "tensors.bin").write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
         buffer = io.BytesIO()
-        torch.save(state.optimizer, buffer)
+        torch.save(optimizer, buffer)
         (staging / "optimizer.pt").write_bytes(buffer.getvalue())
-        (staging / "state.json").write_text(json.dumps({
-            "iteration": state.iteration, "history": state.history, "seconds": state.seconds,
-            "config": config.to_dict()}))
-        os.replace(staging, state_dir / f"{_PREFIX}{state.iteration:04d}")
+        (staging / "state.json").write_text(json.dumps({"iteration": iteration, **meta}))
+        os.replace(staging, state_dir / f"{_PREFIX}{iteration:04d}")
     except BaseException as err:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -102,29 +133,19 @@ def save_state(state_dir: Path, config: IDDMConfig, state: RunState) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_latest_state(state_dir: Path, config: IDDMConfig, original: Tensor) -> RunState | None:
-    """The last finished iteration's state, or None when there is nothing to resume.
-
-    `original` is X0 of this run: a saved X' farther than eta from it was made from other photos
-    (the check needs no fingerprint of the photos, which must never be stored)."""
+def load_last_iteration(state_dir: Path, config: dict[str, Any]) -> SavedIteration | None:
+    """The last finished iteration, or None; saved with other settings than `config` is refused."""
     finished = _finished(Path(state_dir)) if Path(state_dir).is_dir() else []
     if not finished:
         return None
     folder = finished[-1]
     meta = json.loads((folder / "state.json").read_text())
-    if meta["config"] != config.to_dict():
-        changed = sorted(k for k, v in config.to_dict().items() if meta["config"].get(k) != v)
+    if meta["config"] != config:
+        changed = sorted(k for k, v in config.items() if meta["config"].get(k) != v)
         raise StateMismatchError(f"the saved run in {state_dir} used different settings ({', '.join(changed)}); "
                                  "resume with the same settings, or delete that folder to start over.")
-    tensors = load_file(str(folder / "tensors.bin"))
-    decoupled = tensors["decoupled"]
-    if decoupled.shape != original.shape or float((decoupled - original).abs().max()) > config.eta + 1e-5:
-        raise StateMismatchError(f"the saved run in {state_dir} was made from other photos; resume with the "
-                                 "same photos, or delete that folder to start over.")
-    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
-    return RunState(meta["iteration"], {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")},
-                    optimizer, tensors["generator_state"], decoupled, meta["history"],
-                    meta["seconds"])
+    return SavedIteration(meta.pop("iteration"), load_file(str(folder / "tensors.bin")),
+                          torch.load(folder / "optimizer.pt", weights_only=True), meta)
 
 
 def _finished(state_dir: Path) -> list[Path]:

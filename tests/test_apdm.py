@@ -262,3 +262,28 @@ def test_attacker_transform_shrinks_compresses_and_keeps_the_size():
     for bad in ("jpeg:0", "jpeg:75.5", "resize:1", "blur:2", "jpeg:75,jpeg:50", "jpeg"):
         with pytest.raises(ConfigError):
             PhotoTransform.parse(bad)
+
+
+def test_a_cancelled_run_resumes_to_the_same_protection(faces, tmp_path):
+    from comfyui_iddm.iddm import Cancelled
+    from comfyui_iddm.run_state import StateMismatchError
+
+    subject, others = faces
+    config = APDMConfig(iterations=2, ft_steps=2, resolution=64, protect_weights="lora", lr=1e-3)
+
+    def run(state_dir=None, should_cancel=None, photos=subject):
+        denoiser = load_denoiser("tiny", config.fine_tune_config())
+        return run_apdm(denoiser, photos, config, class_images=others, state_dir=state_dir,
+                        should_cancel=should_cancel)
+    whole = run()
+    state = tmp_path / "state"
+    steps = iter(range(100))
+    with pytest.raises(Cancelled):
+        run(state, should_cancel=lambda: next(steps) == 5)  # in the second iteration
+    with pytest.raises(StateMismatchError, match="other photos"):
+        run(state, photos=others[:4])
+    resumed = run(state)
+    assert resumed.weights.keys() == whole.weights.keys()
+    for key, value in whole.weights.items():
+        assert torch.equal(resumed.weights[key], value), key
+    assert len(resumed.iterations) == 2
