@@ -77,18 +77,27 @@ async def thumbnails(comfy_url: str, out_dir: Path) -> dict:
 async def browse(comfy_url: str, screenshot_path: str) -> dict:
     titles = [t.title for t in wg.TEMPLATES.values()]
     async with comfy_page(comfy_url) as page:
-        await page.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
-        await page.wait_for("document.querySelectorAll('.template-card').length > 0", 60)
         # The pack's category in the browser's list (its label from the pack's locales/).
-        category = await page.evaluate("""(() => {
-            const items = [...document.querySelectorAll('[role="listbox"] [role="option"], li, button')];
-            const ours = items.find(e => e.textContent.trim() === 'IDDM privacy');
-            if (ours) { ours.scrollIntoView(); ours.click(); }
-            return ours ? ours.textContent.trim() : null; })()""")
+        category_item = ("[...document.querySelectorAll('[role=\"listbox\"] [role=\"option\"], li, button')]"
+                         ".find(e => ['IDDM privacy', 'comfyui-iddm'].includes(e.textContent.trim()))")
+        # As a user opens it: the menu's Browse Templates (again if the first start's own template
+        # dialog, closed by comfy_page, was still closing and swallowed the first request).
+        for attempt in range(10):
+            await page.evaluate(f"{APP}.extensionManager.command.execute('Comfy.BrowseTemplates')")
+            try:
+                await page.wait_for(f"!!{category_item}", 30)
+                break
+            except TimeoutError:
+                if attempt == 9:
+                    await screenshot(page, screenshot_path)
+                    raise
+        category = await page.evaluate(f"""(() => {{ const ours = {category_item};
+            if (ours) {{ ours.scrollIntoView(); ours.click(); }}
+            return ours ? ours.textContent.trim() : null; }})()""")
         selector = " , ".join(f'[data-testid="{CARD}{t}"]' for t in titles)
-        await page.wait_for(f"document.querySelectorAll({json.dumps(selector)}).length === {len(titles)}", 60)
+        await page.wait_for(f"document.querySelectorAll({json.dumps(selector)}).length === {len(titles)}", 300)
         await page.wait_for(f"[...document.querySelectorAll({json.dumps(selector)})].every(c => "
-                            "{ const i = c.querySelector('img'); return i && i.complete; })", 60)
+                            "{ const i = c.querySelector('img'); return i && i.complete; })", 120)
         await asyncio.sleep(1.5)
         cards = await page.evaluate(f"""[...document.querySelectorAll({json.dumps(selector)})].map(c => {{
             const img = c.querySelector('img');
