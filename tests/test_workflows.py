@@ -159,6 +159,8 @@ def test_templates_have_titles_descriptions_and_thumbnails():
         assert len(template.title) <= 40 and " " in template.title
         assert template.description != template.title and len(template.description) <= 64
         thumbnail = wg.ui_path(name).with_suffix(".jpg")
+        assert thumbnail.is_file(), (f"{thumbnail.name} is missing: make it with tests/comfyui/template_browser.py "
+                                     "COMFY_URL thumbnails workflows (a server with this checkout)")
         with Image.open(thumbnail) as image:
             assert image.format == "JPEG" and image.size[0] == image.size[1] >= 256  # the card is square
             spread = ImageStat.Stat(image.convert("L")).stddev[0]

@@ -34,6 +34,7 @@ RUN = uuid.uuid4().hex[:6]
 spec = wg.pack_nodes.load("spec")
 README_COMMAND = re.search(r"`(comfy run --workflow [^`]+)`", (cf.REPO / "README.md").read_text()).group(1)
 LEGACY = cf.REPO / "tests" / "data" / "legacy_workflows"
+MAKE_THUMBNAILS = "make them with tests/comfyui/template_browser.py COMFY_URL thumbnails workflows"
 needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
                                     reason="needs Debian's chromium (apt-get install chromium)")
 
@@ -169,7 +170,7 @@ def test_the_template_browser_shows_titles_descriptions_and_thumbnails(site, tmp
         card = cards[template.title]
         assert card["title"] == template.title and not card["title_cut"]
         assert card["description"] == template.description  # not the file name again
-        assert card["thumbnail"] == [512, 512]  # the jpg was served and decoded: no placeholder icon
+        assert card["thumbnail"] == [512, 512], f"{template.title}: no thumbnail; {MAKE_THUMBNAILS}"
     ours = [e for e in state["console_errors"] if "iddm" in e.lower() or "workflow_templates" in e]
     assert ours == [] and shot.is_file()
 
