@@ -193,7 +193,8 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-COLUMN_WIDTH, NODE_WIDTH, GAP, LANE_GAP, TOP = 380, 340, 50, 110, 40
+COLUMN_WIDTH, NODE_WIDTH, GAP, LANE_GAP, TOP = 380, 340, 50, 150, 40
+GROUP_TITLE = 100  # a lane's group title sits above the badges ComfyUI draws over node titles
 
 
 def to_ui(api: dict, defs: dict) -> dict:
@@ -280,7 +281,8 @@ class _Layout:
                 left = min(self.pos[n][0] for n in members) - 20
                 right = max(self.pos[n][0] for n in members) + NODE_WIDTH + 20
                 self.groups.append({"title": api[train]["_meta"]["title"],
-                                    "bounding": [left, lane_top - 60, right - left, bottom - lane_top + 80],
+                                    "bounding": [left, lane_top - GROUP_TITLE, right - left,
+                                                 bottom - lane_top + GROUP_TITLE + 20],
                                     "color": "#3f789e", "font_size": 24})
             lane_top = bottom + LANE_GAP
 
