@@ -64,12 +64,13 @@ function restoreLegacySettings(train) {
   for (const widget of options.widgets ?? []) {
     if (widget.name in values) widget.value = values[widget.name];
   }
+  const graph = train.graph ?? app.graph; // the node's own graph (a subgraph's, if it is in one)
   options.pos = [train.pos[0], train.pos[1] - 40];
-  app.graph.add(options);
+  graph.add(options);
   options.collapse(true); // a title bar above IDDM Train: open it to see the settings
   options.connect(0, train, train.findInputSlot("options"));
   for (const [name, [originId, originSlot]] of Object.entries(links)) {
-    app.graph.getNodeById(originId)?.connect(originSlot, options, options.findInputSlot(name));
+    graph.getNodeById(originId)?.connect(originSlot, options, options.findInputSlot(name));
   }
   app.graph.setDirtyCanvas(true, true);
 }
@@ -154,8 +155,10 @@ app.registerExtension({
   },
 
   async afterConfigureGraph() {
-    for (const node of app.graph?.nodes ?? []) {
-      if (node.type === TRAIN && node.properties?.iddm_legacy) restoreLegacySettings(node);
+    for (const graph of [app.graph, ...(app.graph?.subgraphs?.values() ?? [])]) {
+      for (const node of [...(graph?.nodes ?? [])]) {
+        if (node.type === TRAIN && node.properties?.iddm_legacy) restoreLegacySettings(node);
+      }
     }
   },
 
