@@ -399,7 +399,7 @@ def test_html_pages_and_the_images_embedded_in_them_are_audited(tmp_path):
 
 
 def test_a_report_page_written_by_iddm_audits_clean(tmp_path):
-    from comfyui_iddm.report import write_report_html
+    from comfyui_iddm.report import PLOT_NAMES, write_report_html
 
     report = {"config": {"rho": 0.3, "eta": 0.08, "recognizers": ["dlib_resnet"]},
               "iterations": [{"stage1_loss": [0.1], "stage2_score": [0.5], "ft_loss": [0.2, 0.1], "seconds": 1.0}],
@@ -407,7 +407,7 @@ def test_a_report_page_written_by_iddm_audits_clean(tmp_path):
               "decoupled": {"linf": 0.08, "psnr": 30.0, "ssim": 0.9}, "seconds_total": 3.0}
     write_report_html(report, tmp_path)
     result = audit(tmp_path)
-    assert result.files_checked == 4 and result.findings == [] and result.skipped == []
+    assert result.files_checked == len(PLOT_NAMES) + 1 and result.findings == [] and result.skipped == []
 
 
 def test_a_folder_lists_every_file_it_did_not_check(tmp_path):
