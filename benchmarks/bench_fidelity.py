@@ -4,7 +4,7 @@
         [--variants paper,face_mask,...] [--surrogate dlib_resnet] [--held-out mobilefacenet]
         [--weights-dir DIR] [--resolution 256] [--iterations K] [--pgd-steps T] [--ft-steps N]
         [--stage2-timesteps 0,20]
-        [--plot FILE.png] [--json FILE]
+        [--plot FILE.png] [--json FILE] [--strips DIR]
 
 For each variant and eta: one IDDM run on the tiny model with one surrogate recognizer attacked and one
 held out (only measured), and the figures of X' against X0: PSNR, SSIM, the share of the squared
@@ -49,12 +49,15 @@ def outside_face_share(x0: torch.Tensor, x1: torch.Tensor, landmarks: torch.Tens
     return float((change * outside).sum() / change.sum().clamp_min(1e-12))
 
 
-def run(config: IDDMConfig, reference, protection, weights_dir, held_out) -> dict:
+def run(config: IDDMConfig, reference, protection, weights_dir, held_out, strip: Path | None = None) -> dict:
     from comfyui_iddm.backends.diffusers_backend import load_denoiser
+    from comfyui_iddm.report import strip_image
 
     timed = timed_iddm(load_denoiser("tiny", config), reference, protection, config,
                        weights_dir=weights_dir, evaluators=held_out)
     report = timed.result.report
+    if strip is not None:  # X0 | X' | amplified change, to look at
+        strip.write_bytes(strip_image(protection.images, timed.result.decoupled))
     drops = {row["recognizer"]: {"role": row["role"], "before": row["before"], "after": row["after"],
                                  "relative_drop": round(1 - row["after"] / row["before"], 4)}
              for row in report["identity"]}
@@ -101,6 +104,8 @@ def main() -> None:
     parser.add_argument("--stage2-timesteps", default="0,20",
                         help="Stage II timestep range (the curve's runs: 0,20; the config default: 0,200)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--strips", type=Path, default=None,
+                        help="folder for one PNG per run: X0 | X' | amplified change")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -120,8 +125,9 @@ def main() -> None:
     for variant in parse_list(args.variants):
         for eta in (float(e) for e in parse_list(args.etas)):
             config = IDDMConfig(**{**base, **VARIANTS[variant], "eta": eta})
+            strip = args.strips / f"{variant}_{eta:g}.png" if args.strips else None
             row = {"variant": variant, "eta": eta,
-                   **run(config, reference, protection, args.weights_dir, [args.held_out])}
+                   **run(config, reference, protection, args.weights_dir, [args.held_out], strip)}
             rows.append(row)
             ids = row["identity"]
             print(f"{variant:>10} {eta:5.2f} | {row['psnr']:5.1f} {row['ssim']:5.3f} {row['outside_face_share']:7.2f} | "

@@ -33,11 +33,13 @@ def present(monkeypatch):
 @pytest.mark.parametrize("names, surrogates, held_out", [
     (("irse50", "ir152", "mobilefacenet", "facenet", "arcface", "dlib_resnet"),
      ("irse50", "ir152", "mobilefacenet", "facenet"), ("arcface", "dlib_resnet")),
-    (("mobilefacenet", "arcface", "dlib_resnet"), ("mobilefacenet",), ("arcface", "dlib_resnet")),
+    (("mobilefacenet", "facenet", "arcface", "dlib_resnet"), ("mobilefacenet", "facenet"), ("arcface", "dlib_resnet")),
+    # one of the paper's alone over-fits (measured: no transfer): dlib's ResNet joins it
+    (("mobilefacenet", "arcface", "dlib_resnet"), ("mobilefacenet", "dlib_resnet"), ("arcface",)),
     (("arcface", "dlib_resnet"), ("dlib_resnet",), ("arcface",)),  # the paper's evaluator is never attacked
     (("arcface",), (), ("arcface",)),
 ])
-def test_auto_attacks_the_papers_ensemble_else_dlib_and_never_arcface(present, names, surrogates, held_out):
+def test_auto_attacks_the_papers_ensemble_else_with_dlib_and_never_arcface(present, names, surrogates, held_out):
     present(*names)
     roles = choose_recognizers(tiny_config(recognizers="auto"), None)
     assert roles.surrogates == surrogates and roles.held_out == held_out

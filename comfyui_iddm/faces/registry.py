@@ -198,11 +198,19 @@ def resolve_names(names: Sequence[str], weights_dir: Path | None = None) -> list
     return list(dict.fromkeys(resolved))
 
 
+# Fewer of the paper's surrogates than this, and dlib's ResNet joins them: attacked alone, MobileFaceNet
+# was driven to a cosine of -0.8 while the held-out dlib did not move at all (README, Fidelity).
+MIN_PAPER_ENSEMBLE = 2
+
+
 def auto_surrogates(weights_dir: Path | None = None) -> list[str]:
     """What recognizers=auto attacks in Stage II: the paper's surrogates whose weights are present,
-    else dlib's ResNet if installed, else none. Never arcface."""
+    joined by dlib's ResNet (if installed) when fewer than MIN_PAPER_ENSEMBLE of them are; else none.
+    Never arcface."""
     present = available_recognizers(weights_dir)
-    return [n for n in PAPER_SURROGATES if n in present] or [n for n in (FALLBACK_SURROGATE,) if n in present]
+    paper = [n for n in PAPER_SURROGATES if n in present]
+    fallback = [n for n in (FALLBACK_SURROGATE,) if n in present]
+    return paper if len(paper) >= MIN_PAPER_ENSEMBLE else paper + fallback
 
 
 def resolve_surrogates(names: Sequence[str], weights_dir: Path | None = None) -> list[str]:
