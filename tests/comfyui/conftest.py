@@ -3,7 +3,9 @@
 Each module sets up what it needs and takes it down again (the pack linked into custom_nodes, photos
 in a private root of its own, a server with output/ and temp/ folders of its own), so the modules
 pass alone and in any order: `--reverse-modules` runs them last module first. After each module,
-ComfyUI's own output/, input/, models/loras/ and custom_nodes/ hold what they held before.
+ComfyUI's own output/ and input/ hold what they held before. (models/loras/ and custom_nodes/ are
+not watched: the modules use them while they run, and so may test runs of other checkouts at the
+same time; each module removes the LoRAs and links it made.)
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from comfyui_fixtures import comfyui_path  # noqa: E402
 
-# ComfyUI's folders the tests may write to, and whether to look into their subfolders
-WATCHED = {"output": True, "input": True, "models/loras": True, "custom_nodes": False}
+WATCHED = ("output", "input")  # ComfyUI's folders no test writes to: each server has its own output
 
 
 def pytest_addoption(parser):
@@ -31,12 +32,8 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: -modules.index(item.path))  # stable: tests keep their order
 
 
-def entries(folder: Path, below: bool) -> set[str]:
-    """What `folder` holds (with `below`, its subfolders' files too; links are not followed)."""
-    if not folder.is_dir():
-        return set()
-    if not below:
-        return {p.name for p in folder.iterdir()}
+def entries(folder: Path) -> set[str]:
+    """Everything below `folder` (links not followed), as relative paths."""
     return {(Path(current) / name).relative_to(folder).as_posix()
             for current, dirs, files in os.walk(folder) for name in dirs + files}
 
@@ -47,8 +44,8 @@ def comfyui_left_as_found():
     if root is None:  # the module skips
         yield
         return
-    before = {name: entries(root / name, below) for name, below in WATCHED.items()}
+    before = {name: entries(root / name) for name in WATCHED}
     yield
-    left = {name: sorted(entries(root / name, below) - before[name]) for name, below in WATCHED.items()}
+    left = {name: sorted(entries(root / name) - before[name]) for name in WATCHED}
     left = {name: paths for name, paths in left.items() if paths}
     assert not left, f"the module left files in ComfyUI's folders: {left}"
