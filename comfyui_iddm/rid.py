@@ -48,7 +48,7 @@ ARCHITECTURES: dict[str, RIDArchitecture] = {
     # width 1152, 8 heads): 225 M parameters (their files hold 338 M: DiT's embedders and adaLN
     # weights, which only ever see a zero conditioning).
     "published": RIDArchitecture(patch_size=16, hidden_size=1152, depth=14, num_heads=8),
-    # Ours for training on a CPU: the same design at toy width (about 1.8 M parameters).
+    # Ours for training on a CPU: the same design at toy width (1.9 M parameters).
     "small": RIDArchitecture(patch_size=8, hidden_size=192, depth=4, num_heads=4),
 }
 
