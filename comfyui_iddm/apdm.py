@@ -89,6 +89,10 @@ APDM_KNOBS: dict[str, Knob] = {
 }
 CHOICES = {"protect_loss": PROTECT_LOSSES, "protect_weights": PROTECT_WEIGHTS, "mixed_precision": MIXED_PRECISION}
 
+# A LoRA protection with the authors' schedule (ComfyUI's node trains this form): a LoRA needs a far
+# larger learning rate than their 5e-6 on every UNet weight (as IDDM's and the attacker's LoRAs do).
+LORA_PROTECTION: dict[str, Any] = dict(protect_weights="lora", lr=1e-4)
+
 
 @dataclass(frozen=True)
 class APDMConfig:

@@ -7,4 +7,4 @@ take the others down. spec.py and convert.py import no ComfyUI code, for tests w
 
 # The node modules (each defines NODES), imported in this order by the pack's __init__.py.
 NODE_MODULES = ("photo_nodes", "train_node", "similarity_node", "lora_node", "save_public_image",
-                "cloak_node")
+                "cloak_node", "apdm_node")

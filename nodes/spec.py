@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from comfyui_iddm.apdm import APDM_KNOBS, LORA_PROTECTION, PROTECT_LOSSES, APDMConfig
 from comfyui_iddm.cloak import cloak_config
 from comfyui_iddm.config import KNOBS, PIXEL_RANGES, IDDMConfig
 from comfyui_iddm.precision import MIXED_PRECISION
@@ -70,13 +71,13 @@ class NodeSpec:
 _DEFAULT = IDDMConfig()
 
 
-def knob(name: str, type_: str, defaults: IDDMConfig = _DEFAULT, **limits: Any) -> Port:
-    """A widget for an IDDM knob: the default (of `defaults`, IDDM's own unless given) and the
-    tooltip come from the engine's config."""
+def knob(name: str, type_: str, defaults: Any = _DEFAULT, knobs: dict = KNOBS, **limits: Any) -> Port:
+    """A widget for an IDDM knob (or another method's, with its `knobs` table): the default (of
+    `defaults`, IDDM's own unless given) and the tooltip come from the engine's config."""
     default = getattr(defaults, name)
     if type_ == "STRING" and isinstance(default, tuple):
         default = ",".join(str(v) for v in default)
-    spec = KNOBS[name]
+    spec = knobs[name]
     bounds = {"min": spec.low, "max": spec.high}
     if spec.low_open and spec.low is not None:
         bounds["min"] = limits.pop("open_min")
@@ -348,8 +349,64 @@ CLOAK = NodeSpec(
     hidden_unique_id=True,
 )
 
+_APDM_DEFAULT = APDMConfig(**LORA_PROTECTION)
+
+
+def apdm_knob(name: str, type_: str, **limits: Any) -> Port:
+    return knob(name, type_, _APDM_DEFAULT, APDM_KNOBS, **limits)
+
+
+ANTI_PERSONALIZE = NodeSpec(
+    node_id="IDDMAntiPersonalizeModel",
+    display_name="IDDM Anti-Personalize Model",
+    description=("APDM: changes the model so that a later personalization (DreamBooth, a LoRA) on one "
+                 "person's photos fails, even on clean photos, while it still draws and learns everyone "
+                 "else. For a model you give to others. The change is a LoRA saved into models/loras (load "
+                 "it later with the stock LoraLoader, strength 1); the CLI (iddm immunize) can also change "
+                 "every UNet weight, the paper's choice. Needs images of other people (class_images). "
+                 "Slow: the authors' schedule is 800 iterations of 20 simulated personalization steps."),
+    inputs=(
+        Port("model", "MODEL", "The diffusion model to protect, from Load Checkpoint (SD 1.x / 2.x)."),
+        Port("clip", "CLIP", "The text encoder from Load Checkpoint."),
+        Port("vae", "VAE", "The VAE from Load Checkpoint."),
+        Port("subject", "IMAGE", "Photos of the person the model must not learn: square face crops whose "
+             "side is a multiple of 8 (IDDM Load Private Photos)."),
+        Port("class_images", "IMAGE", "Images of other people of the class (e.g. generated with the class "
+             "prompt): what the model should draw instead (DPO's preferred side) and keep drawing (prior "
+             "preservation). Any size: centre-cropped to the photos' size."),
+        Port("protection_name", "STRING", "File name of the protection LoRA in models/loras (no folders). "
+             "Empty: a neutral name iddm_<date>_<random> is chosen. This name travels with every workflow "
+             "you share: don't name it after the person.", ""),
+        apdm_knob("iterations", "INT"),
+        apdm_knob("ft_steps", "INT"),
+        apdm_knob("lr", "FLOAT", step=1e-5, open_min=1e-8),
+        apdm_knob("seed", "INT", seed=True),
+        Port("resume", "BOOLEAN", "After a Cancel or a crash: continue the unfinished run of this "
+             "protection_name from its last finished iteration (same result as an uninterrupted run). Each "
+             "iteration is saved to a private folder in your user cache, deleted when the run finishes.",
+             False, optional=True),
+        apdm_knob("protect_loss", "COMBO", options=PROTECT_LOSSES, optional=True),
+        apdm_knob("dpo_beta", "FLOAT", step=0.1, open_min=1e-4, optional=True),
+        apdm_knob("prior_weight", "FLOAT", step=0.1, optional=True),
+        apdm_knob("rank", "INT", optional=True),
+        apdm_knob("batch_size", "INT", optional=True),
+        apdm_knob("instance_prompt", "STRING", optional=True),
+        apdm_knob("class_prompt", "STRING", optional=True),
+        apdm_knob("mixed_precision", "COMBO", options=MIXED_PRECISION, optional=True),
+        Port("overwrite", "BOOLEAN", "Replace an existing LoRA of the same name. Off: a name that is taken "
+             "is refused before any training starts.", False, optional=True),
+    ),
+    outputs=(
+        Port("model", "MODEL", "The protected model (the base model with the protection LoRA applied)."),
+        Port("protection_name", "STRING", "The file name written into models/loras."),
+        Port("report", "STRING", "Settings and figures: the denoising loss of the base and the protected "
+             "model on the person's photos and on the class images (JSON; no names)."),
+    ),
+    hidden_unique_id=True,
+)
+
 ALL_NODES: tuple[NodeSpec, ...] = (LOAD_PHOTOS, SPLIT, TRAIN, SIMILARITY, LOAD_LORA, SAVE_PUBLIC_IMAGE,
-                                   TRAIN_OPTIONS, CLOAK)
+                                   TRAIN_OPTIONS, CLOAK, ANTI_PERSONALIZE)
 BY_ID = {spec.node_id: spec for spec in ALL_NODES}
 
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 from comfy_api.latest import io
 
 from . import spec
-from .convert import IddmLora, comfy_to_engine, engine_to_comfy, figures_json, lora_file_name
+from .convert import IddmLora, comfy_to_engine, engine_to_comfy, figures_json
 from .served import comfy_relative_errors
-from .places import OPTION_SOURCES, loras_dir, recognizer_dir
+from .places import OPTION_SOURCES, recognizer_dir
 from .schema import build_schema
 from .train_options import TrainOptions, own_inputs, train_settings
 
@@ -23,27 +22,19 @@ class IDDMTrain(io.ComfyNode):
     @comfy_relative_errors
     def execute(cls, model, clip, vae, reference, protection, lora_name: str, resume: bool = False,
                 options=None, class_images=None, **knobs) -> io.NodeOutput:
-        import folder_paths
-        from comfyui_iddm.atomic import check_writable
         from comfyui_iddm.config import IDDMConfig
-        from comfyui_iddm.iddm import Cancelled, total_steps
+        from comfyui_iddm.iddm import total_steps
         from comfyui_iddm.lora_io import save_lora
         from comfyui_iddm.pipeline import train_on_photos
-        from comfyui_iddm.run_state import claim_state_dir, private_run_dir
 
         from .comfy_denoiser import ComfyDenoiser, check_model, training_mode
+        from .lora_output import LoraOutput, engine_run
         from .photo_nodes import load_face_detector
-        from .progress import ComfyProgress, cancel_requested, raise_if_interrupted
-
-        from comfyui_iddm.private_root import neutral_lora_name
+        from .progress import ComfyProgress, cancel_requested
         settings = {**train_settings(options, own_inputs(cls.hidden.prompt, cls.hidden.unique_id)), **knobs}
         overwrite, face_detector = settings["overwrite"], settings["face_detector"]
         check_model(model)  # an unsupported MODEL is refused before any work starts
-        file_name = lora_file_name(lora_name or neutral_lora_name())
-        path = loras_dir() / file_name
-        check_writable(path, overwrite)  # refuse before any work starts
-        state_dir = claim_state_dir(private_run_dir(file_name), resume, overwrite, file_name,
-                                    "turn on resume to continue it, or overwrite to start over.")
+        output = LoraOutput.claim(lora_name, resume, overwrite)  # refused before any work starts
         ref, prot = comfy_to_engine(reference), comfy_to_engine(protection)
         resolution = _square_side(ref, "reference", _square_side(prot, "protection"))
         config = IDDMConfig(resolution=resolution, **{k: v for k, v in settings.items()
@@ -58,27 +49,21 @@ class IDDMTrain(io.ComfyNode):
             denoiser = ComfyDenoiser(model, clip, vae, rank=config.rank, lora_alpha=config.lora_alpha,
                                      seed=config.seed, mixed_precision=config.mixed_precision,
                                      gradient_checkpointing=config.gradient_checkpointing)
-            logging.info(f"[IDDM] training {file_name}: {config.iterations} iteration(s), "
+            logging.info(f"[IDDM] training {output.file_name}: {config.iterations} iteration(s), "
                          f"{total_steps(config)} steps, {len(reference_set)} reference + "
                          f"{len(protection_set)} protection photos at {resolution} px; "
                          f"{denoiser.schedule.prediction_type} model computing in "
                          f"{_dtype_name(denoiser.compute_dtype)}, its VAE in {_dtype_name(denoiser.vae_compute_dtype)}")
-            try:
+            with engine_run(denoiser):
                 result = train_on_photos(
                     denoiser, reference_set, protection_set, config, weights_dir=recognizer_dir(),
                     class_images=classes, on_progress=ComfyProgress(cls.hidden.unique_id, total_steps(config)),
-                    should_cancel=cancel_requested, state_dir=state_dir)
-            except Cancelled:
-                raise_if_interrupted()
-                raise
-            finally:
-                denoiser.release()
-        save_lora(path, result.lora, result.metadata, overwrite=overwrite)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        folder_paths.filename_list_cache.pop("loras", None)  # stock loaders list the new file at once
-        logging.info(f"[IDDM] saved protected LoRA {file_name} ({result.report.get('seconds_total')} s)")
-        lora = IddmLora(file_name, result.lora, result.metadata)
-        return io.NodeOutput(lora, file_name, engine_to_comfy(result.decoupled), figures_json(result.report),
+                    should_cancel=cancel_requested, state_dir=output.state_dir)
+        save_lora(output.path, result.lora, result.metadata, overwrite=overwrite)
+        output.saved()
+        logging.info(f"[IDDM] saved protected LoRA {output.file_name} ({result.report.get('seconds_total')} s)")
+        lora = IddmLora(output.file_name, result.lora, result.metadata)
+        return io.NodeOutput(lora, output.file_name, engine_to_comfy(result.decoupled), figures_json(result.report),
                              ui={"iddm_train": [chart_figures(result.report)]})
 
 

@@ -327,8 +327,44 @@ def tiny_run(api: dict, folder: str, lora_suffix: str) -> dict:
                           **({} if has_options else short))
         elif kind == "IDDMCloakPhotos":
             inputs.update(iterations=1, pgd_steps=2, ft_steps=1)
+        elif kind == "IDDMAntiPersonalizeModel":
+            inputs.update(iterations=1, ft_steps=1, protection_name=f"iddm_test{lora_suffix}_{node_id}")
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=2)
         elif kind == "KSampler":
             inputs.update(steps=2)
     return graph
+
+
+def stock_lora_effect(server: ComfyServer, lora_name: str) -> float:
+    """How much a LoRA file in models/loras changes an image through the stock LoraLoader (mean
+    absolute difference, 8-bit pixel units, strength 1 against 0); every key of it must load."""
+    log_before = len(server.log())
+    without = generate_with_stock_lora_loader(server, lora_name, 0.0)
+    with_lora = generate_with_stock_lora_loader(server, lora_name, 1.0)
+    assert "lora key not loaded" not in server.log()[log_before:]
+    return float(abs(with_lora - without).mean())
+
+
+def generate_with_stock_lora_loader(server: ComfyServer, lora_name: str, strength: float):
+    """One 64 px image from the tiny checkpoint through the stock LoraLoader at `strength`, as a
+    float array of 8-bit pixel values (the preview, in the server's own temp folder)."""
+    import numpy as np
+    from PIL import Image
+
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                    "strength_model": strength, "strength_clip": strength}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks person", "clip": ["2", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 1, "steps": 2, "cfg": 7.0,
+                                                  "sampler_name": "euler", "scheduler": "normal",
+                                                  "positive": ["3", 0], "negative": ["4", 0],
+                                                  "latent_image": ["5", 0], "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+    image = run_graph(server, graph)["outputs"]["8"]["images"][0]
+    return np.asarray(Image.open(server.temp_dir / image["subfolder"] / image["filename"]), dtype=np.float32)

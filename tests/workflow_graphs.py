@@ -23,6 +23,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # any SD 1.x / 2.x checkpoint of the user's
 PHOTO_FOLDER = "my_photos"  # a folder inside ComfyUI/input with the person's photos
+CLASS_FOLDER = "other_people"  # beside it: photos of other people (APDM's class images)
 POSITIVE = "a photo of sks person, portrait, natural light"
 NEGATIVE = "blurry, lowres, deformed"
 CONNECTED_LORA = pack_nodes.load("spec").CONNECTED_LORA  # Load Protected LoRA: use the 'lora' input
@@ -150,9 +151,33 @@ def protect_before_posting(defs) -> dict:
     }
 
 
+def anti_personalize_model(defs) -> dict:
+    """A model that will not learn one person (APDM): protected against their photos, keeping everyone
+    else (class images), then asked for the person."""
+    photos = {k: v for k, v in widget_defaults("IDDMLoadPrivatePhotos", defs).items() if k != "folder"}
+    return {
+        "1": _node("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=CHECKPOINT),
+        "2": _node("IDDMLoadPrivatePhotos", "Load the person's photos", folder=PHOTO_FOLDER, **photos),
+        "3": _node("IDDMLoadPrivatePhotos", "Load photos of other people (class images)", folder=CLASS_FOLDER,
+                   **photos),
+        "4": _node("IDDMAntiPersonalizeModel", "IDDM Anti-Personalize Model", model=["1", 0], clip=["1", 1],
+                   vae=["1", 2], subject=["2", 0], class_images=["3", 0],
+                   **widget_defaults("IDDMAntiPersonalizeModel", defs)),
+        "5": _node("CLIPTextEncode", "Prompt for the person", text=POSITIVE, clip=["1", 1]),
+        "6": _node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=["1", 1]),
+        "7": _node("EmptyLatentImage", "Empty Latent", width=512, height=512, batch_size=4),
+        "8": _node("KSampler", "KSampler (the protected model)", model=["4", 0], positive=["5", 0],
+                   negative=["6", 0], latent_image=["7", 0], seed=0, steps=30,
+                   cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0),
+        "9": _node("VAEDecode", "VAE Decode", samples=["8", 0], vae=["1", 2]),
+        "10": _node("PreviewImage", "What the protected model draws", images=["9", 0]),
+    }
+
+
 GRAPHS = {"iddm_train_and_generate": train_and_generate, "iddm_privacy_sweep": privacy_sweep,
           "iddm_generate_from_protected_lora": generate_only,
-          "iddm_protect_photos_before_posting": protect_before_posting}
+          "iddm_protect_photos_before_posting": protect_before_posting,
+          "iddm_anti_personalize_model": anti_personalize_model}
 
 
 @dataclass(frozen=True)
@@ -178,6 +203,9 @@ TEMPLATES = {
         ("10", "11", "12")),
     "iddm_protect_photos_before_posting": Template(
         "IDDM protect photos before posting", "Cloak photos so models trained on them learn you badly.",
+        ("2", "3", "4")),
+    "iddm_anti_personalize_model": Template(
+        "IDDM anti-personalize a model", "A model that will not learn one person, even from clean photos.",
         ("2", "3", "4")),
 }
 
