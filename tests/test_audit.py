@@ -268,7 +268,8 @@ def test_shipped_workflows_hold_no_paths_photo_names_or_personal_lora_names():
     if not files:
         pytest.skip("no workflow files in workflows/")
     found = [f for path in files for f in audit_bytes(path.read_bytes())]
-    allowed = {("private_folder", "my_photos")}  # the placeholder folder name users replace
+    # the placeholder folder names users replace (the person; other people, for anti-personalization)
+    allowed = {("private_folder", "my_photos"), ("private_folder", "other_people")}
     assert [(f.kind, f.value, f.where) for f in found if (f.kind, f.value) not in allowed] == []
 
 
