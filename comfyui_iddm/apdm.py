@@ -59,8 +59,8 @@ from .losses import NoiseDraw, draw_noise, mean_reconstruction_loss, reconstruct
 from .personalize import FineTuning, encode_in_chunks, random_batch
 from .pgd import loss_scale_for
 from .ports import Denoiser, UNetWeights
-from .run_state import StateMismatchError, load_last_iteration, save_iteration
 from .precision import MIXED_PRECISION
+from .run_state import StateMismatchError, load_last_iteration, save_iteration
 
 PROTECT_LOSSES = ("dpo", "naive")
 PROTECT_WEIGHTS = ("unet", "lora")
