@@ -159,7 +159,7 @@ def row_figures(row) -> dict:
 def spread(values: list[float], fmt: str) -> str:
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def format_tables(results: list[dict], names: list[str], args) -> str:
@@ -167,17 +167,22 @@ def format_tables(results: list[dict], names: list[str], args) -> str:
     lines = [f"The attacker's model on the person's held-out photos (mean ± sd over seeds {seeds}; "
              f"DreamBooth-LoRA, {args.attack_steps} steps; lower loss / higher x0 cosine = it learnt the person)",
              "",
-             "| protection | attacker's photos | denoise loss | " + " | ".join(f"x0 {n}" for n in names) + " |",
-             "|---|---|---|" + "---|" * len(names)]
+             "| protection | attacker's photos | denoise loss | vs none, same seed | "
+             + " | ".join(f"x0 {n}" for n in names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
     methods = [m["method"] for m in results[0]["rows"]]
     for method in methods:
         for transform in TRANSFORMS:
-            rows = [row for r in results if r["transform"] == transform for row in r["rows"] if row["method"] == method]
+            runs = [r for r in results if r["transform"] == transform]
+            rows = [row for r in runs for row in r["rows"] if row["method"] == method]
             if not rows or (method.startswith("no attack") and transform != "none"):
                 continue
+            none = [row for r in runs for row in r["rows"] if row["method"] == "none"]
+            change = [100 * (row["denoise_loss"] / base["denoise_loss"] - 1) for row, base in zip(rows, none)]
             label = method if not method.startswith("APDM") else f"{method} (protected model)"
             photos = "clean" if transform == "none" else "resize 0.5 + JPEG q75"
             lines.append(f"| {label} | {photos} | {spread([r['denoise_loss'] for r in rows], '.4f')} | "
+                         f"{spread(change, '+.3f')}% | "
                          + " | ".join(spread([r["x0_cosine"][n] for r in rows], ".3f") for n in names) + " |")
     lines += ["", "What each protected model still does (change against the base model; mean ± sd over seeds):", "",
               "| protected model | the person, before any attack | other people's photos | generic images | "
