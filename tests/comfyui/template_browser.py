@@ -96,18 +96,29 @@ async def browse(comfy_url: str, screenshot_path: str) -> dict:
             return ours ? ours.textContent.trim() : null; }})()""")
         selector = " , ".join(f'[data-testid="{CARD}{t}"]' for t in titles)
         await page.wait_for(f"document.querySelectorAll({json.dumps(selector)}).length === {len(titles)}", 300)
-        await page.wait_for(f"[...document.querySelectorAll({json.dumps(selector)})].every(c => "
-                            "{ const i = c.querySelector('img'); return i && i.complete; })", 120)
+        # The browser only gives the cards in view their thumbnails (and takes them back when they
+        # leave): each card is read while scrolled into view, as a user would see it.
+        cards = []
+        for index in range(len(titles)):
+            card = f"document.querySelectorAll({json.dumps(selector)})[{index}]"
+            await page.evaluate(f"{card}.scrollIntoView({{block: 'nearest'}})")
+            try:
+                await page.wait_for(f"(() => {{ const i = {card}.querySelector('img'); "
+                                    "return i && i.getAttribute('src') && i.complete; })()", 60)
+            except TimeoutError:
+                pass  # reported as no thumbnail
+            await asyncio.sleep(0.5)
+            cards.append(await page.evaluate(f"""(c => {{
+                const img = c.querySelector('img');
+                return {{name: c.dataset.testid.slice({len(CARD)}), title: c.querySelector('h3')?.textContent.trim(),
+                         description: c.querySelector('p')?.textContent.trim(),
+                         thumbnail: img ? [img.naturalWidth, img.naturalHeight] : null,
+                         title_lines: Math.round(c.querySelector('h3').getBoundingClientRect().height /
+                                                 parseFloat(getComputedStyle(c.querySelector('h3')).lineHeight)),
+                         title_cut: c.querySelector('h3').scrollWidth > c.querySelector('h3').clientWidth}};
+            }})({card})"""))
+        await page.evaluate(f"document.querySelector({json.dumps(selector)}).scrollIntoView({{block: 'nearest'}})")
         await asyncio.sleep(1.5)
-        cards = await page.evaluate(f"""[...document.querySelectorAll({json.dumps(selector)})].map(c => {{
-            const img = c.querySelector('img');
-            return {{name: c.dataset.testid.slice({len(CARD)}), title: c.querySelector('h3')?.textContent.trim(),
-                     description: c.querySelector('p')?.textContent.trim(),
-                     thumbnail: img ? [img.naturalWidth, img.naturalHeight] : null,
-                     title_lines: Math.round(c.querySelector('h3').getBoundingClientRect().height /
-                                             parseFloat(getComputedStyle(c.querySelector('h3')).lineHeight)),
-                     title_cut: c.querySelector('h3').scrollWidth > c.querySelector('h3').clientWidth}};
-        }})""")
         await screenshot(page, screenshot_path)
         return {"category": category, "cards": cards, "console_errors": page.console_errors}
 
