@@ -349,7 +349,7 @@ def _quality_section(report: dict[str, Any], plots: dict[str, bytes]) -> str:
              "the person (X' against X0) against PSNR, beside the curves benchmarks/bench_fidelity.py "
              "measured on public photos of one person with the tiny model (grey; their eta in the "
              "[-1,1] scale). A held-out recognizer's drop (circle) is the honest figure; an attacked "
-             "one's (cross) is higher by construction. Other photos, models and schedules move the "
+             "one's (cross) measures the attack itself, not its transfer. Other photos, models and schedules move the "
              "curve: it is a guide, not a guarantee.</p>"
              + _img(plots["plot_privacy_curve.png"], "held-out drop against PSNR, this run on the measured curve")
              if "plot_privacy_curve.png" in plots else "")
