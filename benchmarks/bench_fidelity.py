@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.strips:
+        args.strips.mkdir(parents=True, exist_ok=True)
 
     schedule = {k: v for k, v in (("iterations", args.iterations), ("pgd_steps", args.pgd_steps),
                                   ("ft_steps", args.ft_steps)) if v is not None}

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import KNOBS, ConfigError, IDDMConfig, Knob, _check_number
+from .config import KNOBS, ConfigError, IDDMConfig, Knob, check_number
 from .iddm import ProgressEvent, StepCounter, frozen
 from .losses import NoiseDraw, draw_noise, mean_reconstruction_loss, reconstruction_loss
 from .personalize import FineTuning, encode_in_chunks, random_batch
@@ -117,7 +117,7 @@ class APDMConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", "float"):
-                _check_number(f.name, value, APDM_KNOBS[f.name], integer=f.type == "int")
+                check_number(f.name, value, APDM_KNOBS[f.name], integer=f.type == "int")
             elif f.name in CHOICES and value not in CHOICES[f.name]:
                 raise ConfigError(f"{f.name}={value!r} is not one of {', '.join(CHOICES[f.name])}.")
         if self.resolution % 8:

@@ -129,13 +129,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def interrupt_message(state_dir: Path):
+def interrupt_message(state_dir: Path, output: str = "LoRA"):
     """Ctrl-C: say what was kept, then let main() exit with 130."""
     try:
         yield
     except KeyboardInterrupt:
         kept = state_dir.is_dir() and any(state_dir.glob("iteration-*"))
-        print("\ninterrupted: no LoRA was written; " + (
+        print(f"\ninterrupted: no {output} was written; " + (
             "the finished iterations are kept: rerun the same command with --resume to continue."
             if kept else "no iteration had finished, so nothing was kept."), file=sys.stderr)
         raise

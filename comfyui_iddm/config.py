@@ -147,7 +147,7 @@ class IDDMConfig:
             value = getattr(self, f.name)
             knob = KNOBS[f.name]
             if f.type in ("int", "float"):
-                _check_number(f.name, value, knob, integer=f.type == "int")
+                check_number(f.name, value, knob, integer=f.type == "int")
         if self.resolution % 8:
             raise ConfigError(f"resolution={self.resolution} is not a multiple of 8; "
                               f"use e.g. {self.resolution // 8 * 8 or 64}.")
@@ -197,7 +197,9 @@ class IDDMConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def _check_number(name: str, value: Any, knob: Knob, integer: bool) -> None:
+def check_number(name: str, value: Any, knob: Knob, integer: bool) -> None:
+    """ConfigError (naming the setting, the value and the allowed range) unless `value` is a number
+    (a whole one with `integer`) within the knob's range."""
     kind = "a whole number" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or (not integer and math.isnan(value)):

@@ -81,6 +81,7 @@ class PhotoSet:
     # 1-based position of each photo among the images given (a folder's image files in name order):
     # what messages that may be kept call a photo ("photo 3"), never its file name.
     numbers: list[int] = field(default_factory=list)
+    crop_boxes: list["CropBox"] = field(default_factory=list)  # where each crop lies in its photo
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -89,7 +90,8 @@ class PhotoSet:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return PhotoSet(self.images[idx], self.landmarks[idx], [self.names[i] for i in idx.tolist()],
                         None if self.scores is None else self.scores[idx], [],
-                        [self.numbers[i] for i in idx.tolist()] if self.numbers else [])
+                        [self.numbers[i] for i in idx.tolist()] if self.numbers else [],
+                        [self.crop_boxes[i] for i in idx.tolist()] if self.crop_boxes else [])
 
 
 # --- reading one photo ---------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def crop_faces(photos: Iterable[tuple[int, str, Image.Image]], resolution: int, 
     earlier photo, are skipped and listed in the returned set's `issues`.
     """
     issues = [] if issues is None else issues
-    crops, landmarks, scores, kept, numbers = [], [], [], [], []
+    crops, landmarks, scores, kept, numbers, boxes = [], [], [], [], [], []
     for index, name, img in photos:
         if min(img.size) < MIN_FACE_SIDE:
             issues.append(PhotoIssue(index, name, f"only {img.width}x{img.height} px; a face photo needs "
@@ -260,10 +262,11 @@ def crop_faces(photos: Iterable[tuple[int, str, Image.Image]], resolution: int, 
         scores.append(face.score * _side(face.box))
         kept.append(name)
         numbers.append(index + 1)
+        boxes.append(crop_box(img.size, face.box))
     if not crops:
         empty = torch.zeros(0, 3, resolution, resolution)
         return PhotoSet(empty, torch.zeros(0, 5, 2), [], torch.zeros(0), issues)
-    return PhotoSet(torch.stack(crops), torch.stack(landmarks), kept, torch.tensor(scores), issues, numbers)
+    return PhotoSet(torch.stack(crops), torch.stack(landmarks), kept, torch.tensor(scores), issues, numbers, boxes)
 
 
 def _side(box) -> float:
@@ -303,14 +306,28 @@ def centred_face(size: tuple[int, int]) -> FaceDetection:
     return FaceDetection(box, points, 1.0)
 
 
+@dataclass(frozen=True)
+class CropBox:
+    """Where a face crop was cut from its photo (as loaded: upright, at most MAX_LOAD_SIDE per side), in
+    Pillow's box convention: pixel i spans [i, i+1), so the square is [left, left+side) x [top, top+side)."""
+    left: float
+    top: float
+    side: float
+
+
+def crop_box(size: tuple[int, int], face_box) -> CropBox:
+    """A square of CROP_SCALE x the face box around its centre, moved (and shrunk) to stay inside the photo."""
+    w, h = size
+    cx, cy = (face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2
+    side = min(_side(face_box) * CROP_SCALE, w, h)
+    return CropBox(min(max(cx - side / 2, 0), w - side), min(max(cy - side / 2, 0), h - side), side)
+
+
 def square_crop(img: Image.Image, box, points: np.ndarray, resolution: int) -> tuple[Image.Image, np.ndarray]:
-    """A square of CROP_SCALE x the face box (kept inside the photo), resized to `resolution`;
-    the landmarks mapped into it (pixel centres at integers on both sides)."""
-    w, h = img.size
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    side = min(_side(box) * CROP_SCALE, w, h)
-    left = min(max(cx - side / 2, 0), w - side)
-    top = min(max(cy - side / 2, 0), h - side)
+    """The crop_box of the face box, resized to `resolution`; the landmarks mapped into it (pixel
+    centres at integers on both sides)."""
+    square = crop_box(img.size, box)
+    left, top, side = square.left, square.top, square.side
     crop = img.resize((resolution, resolution), Image.Resampling.LANCZOS,
                       box=(left, top, left + side, top + side))
     scale = resolution / side

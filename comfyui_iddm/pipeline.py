@@ -19,7 +19,7 @@ from .config import IDDMConfig
 from .iddm import IDDMResult, ProgressEvent, run_iddm
 from .photos import PhotoSet, assert_disjoint, load_photo_folder, split_photos, tensor_to_pil
 from .ports import Denoiser
-from .run_state import claim_state_dir
+from .run_state import prepare_state_dir, state_dir_beside
 
 
 @dataclass
@@ -157,14 +157,13 @@ class FolderOutputs:
     @property
     def state_dir(self) -> Path:
         """Private working folder for resume, beside the LoRA the user asked for."""
-        return self.lora.with_name(f".{self.lora.name}.iddm-state")
+        return state_dir_beside(self.lora)
 
     def check(self, resume: bool) -> None:
         """Refuse before any work, and before creating anything: outputs that exist, files where
         folders go and folders where files go, two outputs on one path, missing folders, a stale
         unfinished run, and a resume with nothing to resume."""
         from .report import HTML_NAME, check_html_output
-        from .run_state import has_saved_state
 
         if self.report is not None and self.report.resolve() == self.lora.resolve():
             raise atomic.OutputExistsError(f"--report and --out both name {self.lora}; give two files.")
@@ -182,14 +181,7 @@ class FolderOutputs:
             if self.decoupled_dir.exists() and any(self.decoupled_dir.iterdir()) and not self.overwrite:
                 raise atomic.OutputExistsError(f"{self.decoupled_dir} is not empty; choose an empty folder "
                                                "for X' or allow overwriting (--overwrite).")
-        if self.state_dir.exists() and not has_saved_state(self.state_dir):
-            shutil.rmtree(self.state_dir)  # stopped before its first iteration was saved: nothing to keep
-        if resume and not has_saved_state(self.state_dir):
-            raise FileNotFoundError(
-                f"--resume: no interrupted run of {self.lora.name} to continue (nothing saved in "
-                f"{self.state_dir}). Run the same command without --resume to start from the beginning.")
-        claim_state_dir(self.state_dir, resume, False, self.lora.name,
-                        f"continue it with --resume, or delete {self.state_dir} to start over.")
+        prepare_state_dir(self.state_dir, resume, self.lora.name)
 
 
 def train_folder(photos_dir: Path, base: str, outputs: FolderOutputs, config: IDDMConfig, *,

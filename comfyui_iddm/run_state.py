@@ -66,6 +66,25 @@ def claim_state_dir(state_dir: Path, resume: bool, start_over: bool, what: str, 
     return state_dir
 
 
+def state_dir_beside(output: Path) -> Path:
+    """The private working folder of a resumable run, beside the file the user asked for."""
+    return output.with_name(f".{output.name}.iddm-state")
+
+
+def prepare_state_dir(state_dir: Path, resume: bool, what: str) -> Path:
+    """Before any work: a folder left by a run stopped before its first iteration is removed (nothing
+    to keep); --resume with nothing saved, and a saved run without --resume, are refused."""
+    state_dir = Path(state_dir)
+    if state_dir.exists() and not has_saved_state(state_dir):
+        shutil.rmtree(state_dir)
+    if resume and not has_saved_state(state_dir):
+        raise FileNotFoundError(
+            f"--resume: no interrupted run of {what} to continue (nothing saved in {state_dir}). Run the "
+            "same command without --resume to start from the beginning.")
+    return claim_state_dir(state_dir, resume, False, what,
+                           f"continue it with --resume, or delete {state_dir} to start over.")
+
+
 def has_saved_state(state_dir: Path) -> bool:
     """Whether a finished iteration was saved there (what a resume continues from)."""
     state_dir = Path(state_dir)

@@ -212,6 +212,37 @@ def test_out_must_be_safetensors_and_free(tmp_path):
     assert code == 2 and "--overwrite" in stderr and taken.read_bytes() == b"keep me"
 
 
+def test_an_interrupted_immunize_continues_with_resume(tmp_path, monkeypatch):
+    """The CLI keeps finished iterations beside --out: without --resume a leftover run is refused
+    (never silently lost), with it the run continues; once written, nothing is left behind."""
+    import comfyui_iddm.apdm_weights as apdm_weights
+
+    subject, classes = tmp_path / "private", tmp_path / "others"
+    write_photos(subject, 2)
+    write_photos(classes, 2, seed=3)
+    out = tmp_path / "out" / "protected.safetensors"
+    out.parent.mkdir()
+    argv = ["immunize", "--base", "tiny", "--subject", str(subject), "--class-dir", str(classes), "--out", str(out),
+            "--detector", "none", "--resolution", "64", "--iterations", "2", "--ft-steps", "1",
+            "--protect-weights", "lora", "--threads", "1"]
+    code, _, stderr = run_cli_here([*argv, "--resume"])
+    assert code == 2 and "nothing saved" in stderr and files_under(out.parent) == set()
+
+    save = apdm_weights.save_protection
+    monkeypatch.setattr(apdm_weights, "save_protection", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, stderr = run_cli_here(argv)
+    assert code == 130 and "--resume" in stderr and not out.exists()
+    state = out.parent / ".protected.safetensors.iddm-state"
+    assert state.is_dir()
+    monkeypatch.setattr(apdm_weights, "save_protection", save)
+
+    code, _, stderr = run_cli_here(argv)
+    assert code == 2 and "--resume" in stderr and not out.exists()
+    code, stdout, stderr = run_cli_here([*argv, "--resume"])
+    assert code == 0, stderr
+    assert files_under(out.parent) == {"protected.safetensors"}
+
+
 # --- the model-side evaluation -------------------------------------------------------------------
 def test_evaluate_protection_attacks_the_protected_model_on_clean_photos(tmp_path, test_recognizer):
     subject, others, person, generic = (tmp_path / name for name in ("private", "others", "person", "generic"))

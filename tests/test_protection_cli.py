@@ -7,6 +7,7 @@ import json
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -53,12 +54,41 @@ def test_cloak_writes_numbered_images_with_nothing_but_the_pixels(photos, tmp_pa
     assert files_under(out) == {f"cloaked_{i:03d}.png" for i in range(4)}
     for path in out.iterdir():
         assert png_chunks(path) == [b"IHDR", b"IDAT", b"IEND"]  # no text, EXIF, ICC or time
-        assert Image.open(path).size == (64, 64)
+        assert Image.open(path).size == (96, 96)  # the whole photo, the cloak pasted in
         raw = zlib.decompress(path.read_bytes()[8 + 8 + 13 + 4 + 8:])  # no name hidden anywhere
         assert b"anna" not in path.read_bytes() and b"anna" not in raw
     assert f"method {method}" in stdout and "PSNR" in stdout and "6.4 of 255" in stdout
     assert ("surrogate model's denoising loss" in stdout) == (method == "aspl")
     assert_no_names(stdout, photos)
+
+
+def test_cloak_pastes_the_change_into_the_whole_photo_or_writes_the_crops(tmp_path):
+    """Wide photos: the face crop is the middle square; outside it the posted photo is the original to
+    the bit, inside no pixel moves by more than the budget (and one 8-bit step), and a personalization's
+    own crop of the posted photo still holds the cloak."""
+    folder = tmp_path / "private"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    originals = [rng.integers(40, 216, (120, 160, 3), dtype=np.uint8) for _ in range(2)]
+    for i, pixels in enumerate(originals):
+        Image.fromarray(pixels).save(folder / NAMES[i])
+    out = tmp_path / "public"
+    code, stdout, stderr = run_cli_here(["cloak", str(folder), "--method", "noise", "--out", str(out), *FAST_CLOAK])
+    assert code == 0, stderr
+    budget = 0.025 * 255  # --eta 0.05 in [-1,1]
+    for i, original in enumerate(originals):
+        posted = np.asarray(Image.open(out / f"cloaked_{i:03d}.png")).astype(int)
+        assert posted.shape == original.shape
+        change = posted - original
+        assert not change[:, :20].any() and not change[:, 140:].any()  # the square is x in [20, 140)
+        assert np.abs(change[:, 20:140]).max() <= budget + 1 and np.abs(change[:, 20:140]).mean() > 2
+    kept = stdout.split("(cosine to the cloak's change; 1 = all): ")[1].split()
+    assert float(kept[0]) > 0.8, stdout  # 120 px squares hold a 64 px cloak, up to rounding
+    crops = tmp_path / "crops"
+    code, stdout, stderr = run_cli_here(["cloak", str(folder), "--method", "noise", "--out", str(crops), "--crops",
+                                         *FAST_CLOAK])
+    assert code == 0, stderr
+    assert {Image.open(p).size for p in crops.iterdir()} == {(64, 64)} and "face crops" in stdout
 
 
 def test_cloak_jpeg_output_has_no_exif(photos, tmp_path):
@@ -157,16 +187,24 @@ def test_evaluate_protection_table_names_methods_never_photos(photos, test_recog
     assert_no_names(stdout, photos)
 
 
-def test_evaluate_protection_takes_protected_files_from_iddm_cloak(photos, tmp_path, test_recognizer):
+@pytest.mark.parametrize("form", ["whole photos", "--crops"])
+def test_evaluate_protection_takes_protected_files_from_iddm_cloak(photos, tmp_path, test_recognizer, form):
+    """Crops are taken as they are; whole photos are cut at the clean photo's own square, where the
+    change the crop sees may exceed the budget a little (Lanczos resampling rings)."""
     published, held_out, cloaked = tmp_path / "published", tmp_path / "held", tmp_path / "cloaked"
     write_photos(published, 2, seed=1)
     write_photos(held_out, 2, seed=2)
-    code, _, stderr = run_cli_here(["cloak", str(published), "--method", "noise", "--out", str(cloaked), *FAST_CLOAK])
+    crops = [form] if form == "--crops" else []
+    code, _, stderr = run_cli_here(["cloak", str(published), "--method", "noise", "--out", str(cloaked), *crops,
+                                    *FAST_CLOAK])
     assert code == 0, stderr
     summary = evaluate(published, "--protected", cloaked, "--held-out", held_out)
     rows = {row["method"]: row for row in summary["rows"]}
     assert list(rows) == ["no attack (base model)", "none", "given"]
-    assert rows["given"]["change"]["linf"] == pytest.approx(0.025, abs=1 / 255)  # 8-bit rounding of the PNGs
+    if crops:
+        assert rows["given"]["change"]["linf"] == pytest.approx(0.025, abs=1 / 255)  # 8-bit rounding of the PNGs
+    else:
+        assert 0.02 < rows["given"]["change"]["linf"] < 0.025 * 1.5 and rows["given"]["change"]["psnr"] < 40
 
 
 @pytest.mark.parametrize("extra, expected", [

@@ -1,9 +1,10 @@
 """`iddm cloak PHOTOS_DIR --method aspl --base tiny --out DIR`: protect photos before posting them.
 
 The face of each photo is found and the square crop around it at --resolution (what a personalization
-trains on) is cloaked by the method (cloak.py). The cloaked crops are written into --out as
-cloaked_000.png, ... by number, with nothing but the pixels (public_image.py: no metadata). Names of
-skipped photos are printed on the user's own terminal only.
+trains on) is cloaked by the method (cloak.py); the change is pasted back into the whole photo
+(paste_back.py), or with --crops the crops themselves are written. Into --out as cloaked_000.png, ... by
+number, with nothing but the pixels (public_image.py: no metadata). Names of skipped photos are printed
+on the user's own terminal only.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--format", choices=FORMAT_CHOICES, default="png",
                    help="png (lossless, default) or jpeg / webp at --quality: compression weakens a cloak")
     p.add_argument("--quality", type=int, default=95, help="JPEG / WebP quality 1-100 (default 95)")
+    p.add_argument("--crops", action="store_true",
+                   help="write the cloaked face crops (--resolution square) instead of the whole photos")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     add_model_flags(p)
     add_knob_flags(p, CLOAK_KNOBS, CLOAK_DEFAULTS, title="cloak settings (defaults: Anti-DreamBooth's ASPL)")
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import ProgressBar, knob_values
     from ..cloak import CLOAK_KNOBS, CloakRequest, cloak_config, make_cloak, run_cloak
     from ..config import ConfigError
+    from ..paste_back import cloaked_photos, kept_share
     from ..photos import load_photo_folder
     from ..public_image import FORMATS, write_public_image
 
@@ -74,11 +78,19 @@ def run(args: argparse.Namespace) -> int:
                                         on_progress=progress.update))
         outcome = run_cloak(cloak, photos.images)
     args.out.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(outcome.cloaked):
+    written = outcome.cloaked if args.crops else cloaked_photos(args.photos_dir, photos, outcome.cloaked)
+    kept = []
+    for index, image in enumerate(written):
         write_public_image(args.out / f"cloaked_{index:03d}{FORMATS[args.format]}", image.permute(1, 2, 0),
                            args.format, args.quality)
-    print(f"cloaked photos written: {args.out} ({len(photos)} {args.format.upper()}, pixels only: no metadata)")
+        if not args.crops:
+            kept.append(kept_share(image, photos.crop_boxes[index], photos.images[index], outcome.cloaked[index]))
+    what = "face crops" if args.crops else "photos (the cloak pasted into each whole photo)"
+    print(f"cloaked {what} written: {args.out} ({len(photos)} {args.format.upper()}, pixels only: no metadata)")
     print_figures(args.method, config, outcome)
+    if kept:
+        print(f"the cloak a personalization's own face crop of the written photos still holds (cosine to the "
+              f"cloak's change; 1 = all): {min(kept):.3f} to {max(kept):.3f}")
     return 0
 
 

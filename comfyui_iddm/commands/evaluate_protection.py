@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     detector = None if args.detector == "none" else load_detector(args.detector, device=args.device,
                                                                   weights_dir=args.weights_dir)
     published, held_out = clean_sets(args, cloak.resolution, detector, log)
-    given = read_protected(args.protected, len(published), cloak.resolution) if args.protected else None
+    given = read_protected(args.protected, published, cloak.resolution) if args.protected else None
     recognizers = load_recognizers(resolve_names(parse_list(args.recognizers), args.weights_dir),
                                    args.weights_dir, args.device)
     denoiser = base_model_loader(args.base, attack, args.device, args.config_dir)()
@@ -221,24 +221,30 @@ def utility_sets(args: argparse.Namespace, resolution: int, detector, log):
                        generic=generic, different_person=different)
 
 
-def read_protected(folder: Path, expected: int, resolution: int):
-    """The protected photos as they are (no cropping: they are crops already), in name order."""
+def read_protected(folder: Path, published, resolution: int):
+    """The protected photos in name order, one per published photo: face crops at `resolution` as they
+    are; whole photos (as `iddm cloak` writes them) cut at the published photo's own crop square, as
+    the clean one was."""
     import torch
+    from PIL import Image
 
     from ..config import ConfigError
     from ..photos import list_photo_files, pil_to_tensor, read_image
 
     files, _ = list_photo_files(folder)
-    if len(files) != expected:
-        raise ConfigError(f"--protected holds {len(files)} image(s) but {expected} --clean photo(s) are "
+    if len(files) != len(published):
+        raise ConfigError(f"--protected holds {len(files)} image(s) but {len(published)} --clean photo(s) are "
                           "published; give the protected version of every --clean photo (same order).")
     images = []
-    for number, path in enumerate(files, 1):
+    for number, (path, box) in enumerate(zip(files, published.crop_boxes, strict=True), 1):
         image = read_image(path)
         if image.size != (resolution, resolution):
-            raise ConfigError(f"protected photo {number} is {image.width}x{image.height}; the evaluation "
-                              f"compares face crops at --resolution {resolution}: cloak with the same "
-                              "--resolution, or set it to the protected photos' size.")
+            if box.left + box.side > image.width + 1e-6 or box.top + box.side > image.height + 1e-6:
+                raise ConfigError(f"protected photo {number} is {image.width}x{image.height}: neither a face "
+                                  f"crop at --resolution {resolution} nor the whole photo of clean photo "
+                                  f"{number}; cloak the --clean photos with the same --resolution.")
+            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                                 box=(box.left, box.top, box.left + box.side, box.top + box.side))
         images.append(pil_to_tensor(image))
     return torch.stack(images)
 

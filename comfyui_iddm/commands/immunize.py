@@ -4,10 +4,13 @@ person (APDM, apdm.py), for a model provider to publish instead of the base mode
 What is written depends on --protect-weights: 'unet' (the paper's choice, the default) changes every
 UNet weight and writes a UNet checkpoint; 'lora' writes a kohya LoRA. The file's header records the
 settings and aggregate figures only: nothing about the person's photos (no names, paths or hashes).
+Each finished iteration is kept beside --out (`.NAME.iddm-state`) until the file is written, so an
+interrupted run continues with --resume, as `iddm train` does.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 
@@ -32,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--detector", choices=["auto", "mtcnn", "scrfd", "none"], default="auto",
                    help="face detector for the crops (none: the photos are face-centred crops already)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished iteration (same command otherwise)")
     add_model_flags(p)
     add_knob_flags(p, defaults={}, config_class=APDMConfig, knobs=APDM_KNOBS,
                    title="APDM settings (defaults: the authors')")
@@ -43,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ..apdm import APDMConfig, run_apdm
     from ..apdm_weights import FORM_TEXT, save_protection
     from ..class_images import ClassImagePlan
-    from ..cli import ProgressBar, knob_values
+    from ..cli import ProgressBar, interrupt_message, knob_values
     from ..config import ConfigError
+    from ..run_state import prepare_state_dir, state_dir_beside
     from .cloak import photos_and_model, use_threads
 
     use_threads(args.threads)
@@ -56,10 +62,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out.name}: the protected model is written as .safetensors; "
                           "give a name ending in .safetensors.")
     atomic.check_writable(args.out, args.overwrite, "protected.safetensors")
-    with ProgressBar() as progress:
-        subject, denoiser, class_images = photos_and_model(args, args.subject, ft_config, class_plan, progress)
-        result = run_apdm(denoiser, subject.images, config, class_images=class_images, on_progress=progress.update)
-    save_protection(args.out, result, config, getattr(denoiser, "base_model_version", None), args.overwrite)
+    state_dir = prepare_state_dir(state_dir_beside(args.out), args.resume, args.out.name)
+    with interrupt_message(state_dir, "protected model"):
+        with ProgressBar() as progress:
+            subject, denoiser, class_images = photos_and_model(args, args.subject, ft_config, class_plan, progress)
+            result = run_apdm(denoiser, subject.images, config, class_images=class_images,
+                              on_progress=progress.update, state_dir=state_dir)
+        save_protection(args.out, result, config, getattr(denoiser, "base_model_version", None), args.overwrite)
+    shutil.rmtree(state_dir, ignore_errors=True)  # written: nothing left to resume
     f = result.figures
     print(f"protected model written: {args.out}")
     print(f"  {FORM_TEXT[result.form]}")

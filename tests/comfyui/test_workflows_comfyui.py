@@ -51,7 +51,7 @@ def site(tmp_path_factory):
     (base / "custom_nodes" / "comfyui-iddm").symlink_to(cf.REPO, target_is_directory=True)
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    (base / "models" / "loras").mkdir()  # ComfyUI's checkout ships it; a bare base folder lacks it
+    # no models/loras: ComfyUI's checkout ships it, a bare base folder lacks it, and IDDM Train makes it
     tiny = cf.ensure_tiny_checkpoint(ROOT)
     for name in {cf.CHECKPOINT_NAME, wg.CHECKPOINT}:
         (checkpoints / name).symlink_to(tiny)
