@@ -1,4 +1,5 @@
-"""IDDM Cloak Photos: a cloak (comfyui_iddm/cloak.py) on ComfyUI's own MODEL / CLIP / VAE."""
+"""IDDM Cloak Photos: a cloak (comfyui_iddm/cloak.py) on ComfyUI's own MODEL / CLIP / VAE, or a RID network
+from models/iddm_rid."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from . import spec
-from .places import OPTION_SOURCES
+from .places import OPTION_SOURCES, rid_network_path
 from .schema import build_schema
 from .served import comfy_relative_errors
 
@@ -18,16 +19,19 @@ class IDDMCloakPhotos(io.ComfyNode):
 
     @classmethod
     @comfy_relative_errors
-    def execute(cls, images, method: str, model=None, clip=None, vae=None, **knobs) -> io.NodeOutput:
+    def execute(cls, images, method: str, model=None, clip=None, vae=None, rid_weights: str | None = None,
+                **knobs) -> io.NodeOutput:
         from comfyui_iddm.aspl import total_steps
         from comfyui_iddm.cloak import CloakRequest, cloak_config, make_cloak, run_cloak
         from comfyui_iddm.config import ConfigError
         from comfyui_iddm.iddm import Cancelled
 
         from .comfy_denoiser import ComfyDenoiser, check_model, training_mode
-        from .convert import cloak_report, comfy_to_engine, engine_to_comfy
+        from .convert import cloak_report, comfy_to_engine, engine_to_comfy, rid_network_name
         from .progress import ComfyProgress, cancel_requested, raise_if_interrupted
 
+        network = rid_network_name(method, rid_weights)  # rid without a network: refused before any work
+        network_path = rid_network_path(network) if network else None
         photos = comfy_to_engine(images)
         config = cloak_config(resolution=square_side(photos), **knobs)
         if method == "aspl":
@@ -47,7 +51,7 @@ class IDDMCloakPhotos(io.ComfyNode):
         steps = total_steps(config) if method == "aspl" else 1
         logging.info(f"[IDDM] cloaking {photos.shape[0]} photo(s) at {photos.shape[-1]} px with {method}")
         with training_mode():
-            cloak = make_cloak(CloakRequest(method, config, denoiser=denoiser,
+            cloak = make_cloak(CloakRequest(method, config, denoiser=denoiser, rid_weights=network_path,
                                             on_progress=ComfyProgress(cls.hidden.unique_id, steps),
                                             should_cancel=cancel_requested))
             try:

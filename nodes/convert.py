@@ -66,6 +66,23 @@ def lora_file_name(name: str) -> str:
     return name + ".safetensors"
 
 
+def rid_network_name(method: str, choice: str | None) -> str | None:
+    """IDDM Cloak Photos' rid_weights -> the file name inside models/iddm_rid that `method` runs (None
+    for the methods without a network). rid with none chosen is refused before any work, naming the
+    folder as ComfyUI does (never an absolute path: node errors stay in /history)."""
+    from comfyui_iddm.config import ConfigError
+
+    from .spec import NO_RID_NETWORK, RID_FOLDER
+
+    if method != "rid":
+        return None
+    if not choice or choice == NO_RID_NETWORK:
+        raise ConfigError(f"method rid needs a RID network: put one in models/{RID_FOLDER} (the .safetensors "
+                          "file `iddm rid-train` writes, or the authors' released .bin; README: RID), press R "
+                          "to refresh the lists and choose it in rid_weights; or choose aspl, noise or none.")
+    return choice
+
+
 def photo_report(n_used: int, issues: Sequence[Any], show_names: bool = False) -> str:
     """The per-photo report ComfyUI keeps in its history: photo numbers and reasons, no file names
     (unless `show_names`, for local debugging)."""

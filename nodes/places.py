@@ -7,25 +7,37 @@ from pathlib import Path
 import folder_paths
 
 from .served import served_folders
-from .spec import LORA_FILES, PHOTO_FOLDERS, RECOGNIZER_CHOICES
+from .spec import LORA_FILES, PHOTO_FOLDERS, RECOGNIZER_CHOICES, RID_FOLDER, RID_NETWORKS
 
 RECOGNIZER_FOLDER = "facerecognition"
 RECOGNIZER_EXTENSIONS = {".safetensors", ".onnx", ".dat", ".pth", ".pt"}
 
 
 def register_model_folders() -> None:
-    """models/facerecognition (recognizer weights) and models/insightface (InsightFace packs);
-    extra_model_paths.yaml entries of the same name are kept."""
-    for name in (RECOGNIZER_FOLDER, "insightface"):
+    """models/facerecognition (recognizer weights), models/insightface (InsightFace packs) and
+    models/iddm_rid (RID networks); extra_model_paths.yaml entries of the same name are kept."""
+    from comfyui_iddm.rid_weights import SUFFIXES as RID_EXTENSIONS
+
+    for name, extensions in ((RECOGNIZER_FOLDER, RECOGNIZER_EXTENSIONS), ("insightface", RECOGNIZER_EXTENSIONS),
+                             (RID_FOLDER, set(RID_EXTENSIONS))):
         default = str(Path(folder_paths.models_dir) / name)
         if name in folder_paths.folder_names_and_paths:
             folder_paths.add_model_folder_path(name, default)
         else:
-            folder_paths.folder_names_and_paths[name] = ([default], RECOGNIZER_EXTENSIONS)
+            folder_paths.folder_names_and_paths[name] = ([default], extensions)
 
 
 def recognizer_dir() -> Path:
     return Path(folder_paths.get_folder_paths(RECOGNIZER_FOLDER)[0])
+
+
+def rid_network_path(name: str) -> Path:
+    """A RID network by its name in the rid_weights list (a file in models/iddm_rid)."""
+    found = folder_paths.get_full_path(RID_FOLDER, name)
+    if found is None:
+        raise FileNotFoundError(f"RID network {name} is not in models/{RID_FOLDER} (any more); put it back, "
+                                "press R to refresh the lists and choose it in rid_weights again.")
+    return Path(found)
 
 
 def loras_dir() -> Path:
@@ -82,5 +94,10 @@ def _recognizer_choices() -> list[str]:
         return ["auto"]
 
 
+def _rid_networks() -> list[str]:
+    """The networks in models/iddm_rid (listed after spec's NO_RID_NETWORK entry)."""
+    return folder_paths.get_filename_list(RID_FOLDER)
+
+
 OPTION_SOURCES = {PHOTO_FOLDERS: _photo_folders, LORA_FILES: _lora_files,
-                  RECOGNIZER_CHOICES: _recognizer_choices}
+                  RECOGNIZER_CHOICES: _recognizer_choices, RID_NETWORKS: _rid_networks}

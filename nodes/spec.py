@@ -25,6 +25,13 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 PHOTO_FOLDERS = "photo_folders"  # folders of images inside the private-photos root
 LORA_FILES = "lora_files"  # files in models/loras
 RECOGNIZER_CHOICES = "recognizer_choices"  # "auto" + recognizers whose weights are present
+RID_NETWORKS = "rid_networks"  # files in models/iddm_rid
+
+# ComfyUI's model folder of RID networks (models/iddm_rid; nodes/places.py registers it).
+RID_FOLDER = "iddm_rid"
+# IDDM Cloak Photos' first rid_weights entry, always listed: no network chosen (what the shipped
+# graphs hold, a listed value on every server) and where to put one while there is none.
+NO_RID_NETWORK = f"(none: put RID networks in models/{RID_FOLDER})"
 
 # Load Protected LoRA's list entry for "the LoRA at the 'lora' input": with it the shipped graphs
 # hold a listed value (comfy-cli refuses values not in the server's list), and no file has this name
@@ -310,7 +317,7 @@ SAVE_PUBLIC_IMAGE = NodeSpec(
 )
 
 _CLOAK_DEFAULT = cloak_config()
-CLOAK_METHODS = ("aspl", "noise", "none")  # the cloak methods that need no file of their own
+CLOAK_METHODS = ("aspl", "rid", "noise", "none")
 
 CLOAK = NodeSpec(
     node_id="IDDMCloakPhotos",
@@ -318,14 +325,18 @@ CLOAK = NodeSpec(
     description=("Protects photos you are about to post: changes each one within a small budget (eta) so "
                  "that a model someone else personalizes on them (DreamBooth, a LoRA) learns you badly. "
                  "'aspl' is Anti-DreamBooth's method: it needs the model it protects against (MODEL, CLIP, "
-                 "VAE of an SD 1.x / 2.x checkpoint) and takes minutes. Save the result with IDDM Save "
-                 "Public Image, which writes nothing but the pixels."),
+                 "VAE of an SD 1.x / 2.x checkpoint) and takes minutes. 'rid' runs a trained RID network "
+                 f"from models/{RID_FOLDER} instead (chosen in rid_weights): one forward pass per photo, no "
+                 "checkpoint needed. Save the result with IDDM Save Public Image, which writes nothing but "
+                 "the pixels."),
     inputs=(
         Port("images", "IMAGE", "The photos to cloak: square face crops whose side is a multiple of 8, "
              "e.g. from IDDM Load Private Photos."),
         Port("method", "COMBO", "aspl: Anti-DreamBooth's ASPL (raises a surrogate model's denoising loss "
-             "on the photos). noise: random noise of the same budget, the control a cloak must beat. "
-             "none: the photos unchanged.", "aspl", options=CLOAK_METHODS),
+             "on the photos; needs MODEL, CLIP and VAE). rid: a trained RID network cloaks each photo in "
+             "one forward pass (choose it in rid_weights; needs no MODEL, CLIP or VAE). noise: random "
+             "noise of the same budget, the control a cloak must beat. none: the photos unchanged.",
+             "aspl", options=CLOAK_METHODS),
         knob("eta", "FLOAT", _CLOAK_DEFAULT, step=0.005),
         knob("pgd_alpha", "FLOAT", _CLOAK_DEFAULT, step=0.001, open_min=0.0001),
         knob("iterations", "INT", _CLOAK_DEFAULT),
@@ -340,6 +351,12 @@ CLOAK = NodeSpec(
         knob("rank", "INT", _CLOAK_DEFAULT, optional=True),
         knob("pixel_range", "COMBO", _CLOAK_DEFAULT, options=tuple(PIXEL_RANGES), optional=True),
         knob("mixed_precision", "COMBO", _CLOAK_DEFAULT, options=MIXED_PRECISION, optional=True),
+        # last: graphs saved before it existed keep their widget values in place
+        Port("rid_weights", "COMBO", f"For rid: the network, a file in models/{RID_FOLDER} (the "
+             ".safetensors `iddm rid-train` writes, or the authors' released .bin; README: RID). Press R "
+             "after adding one. It cloaks at this node's eta (a network trained at another budget is "
+             "rescaled). Not used by the other methods.", NO_RID_NETWORK, options=(NO_RID_NETWORK,),
+             options_from=RID_NETWORKS, optional=True),
     ),
     outputs=(
         Port("cloaked", "IMAGE", "The cloaked photos, same size; connect IDDM Save Public Image to save them."),

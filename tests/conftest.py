@@ -11,6 +11,7 @@ Everything here is CPU-only, built in code and downloads nothing. Other test mod
 - `write_photos(folder, count, ...)`: a folder of synthetic face-like portraits (distinct per
   photo), and `synthetic_photos(count, size)` for the same as a tensor.
 - `tiny_config(**changes)`: the smallest sensible IDDMConfig (64 px, 1 iteration, few steps).
+- `random_rid_network(path)`: a RID network file as `iddm rid-train` writes it, random weights.
 - `insightface_t1()`: path of insightface's t1.jpg (six real faces), skips when not installed;
   fixture `mtcnn`: facenet-pytorch's MTCNN detector (real weights from its wheel), skips if absent.
 - `train_argv(photos, out, *extra)`: fast `iddm train` arguments; `run_cli_here(argv)` runs
@@ -163,6 +164,20 @@ def tiny_config(**changes):
                   recognizers=TEST_RECOGNIZER)
     values.update(changes)
     return IDDMConfig(**values)
+
+
+def random_rid_network(path: Path, eta: float = 0.05, resolution: int = 64) -> Path:
+    """A RID network file as `iddm rid-train` writes it (the small architecture, header and all) with
+    seeded random weights: the network's own initialisation, plus a random output layer (training
+    starts that at zero, which would change no pixel)."""
+    from comfyui_iddm.rid import RIDSettings
+    from comfyui_iddm.rid_weights import rid_metadata, save_rid
+
+    settings = RIDSettings(resolution=resolution, eta=eta)
+    net = settings.build_net()
+    nn.init.normal_(net.final_linear.weight, std=0.5, generator=torch.Generator().manual_seed(settings.seed))
+    save_rid(path, net, rid_metadata(settings, ["tiny"], "none"))
+    return path
 
 
 # --- real faces from pip packages ------------------------------------------------------------------
