@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -275,6 +276,14 @@ def loras(prefix: str) -> list[Path]:
 
 def execution_errors(entry: dict) -> list[dict]:
     return [m[1] for m in status_messages(entry) if m[0] == "execution_error"]
+
+
+def absolute_paths_in(entry: dict, forbidden: Sequence[str]) -> list[str]:
+    """The forbidden paths a /history entry holds, leaving out ComfyUI's traceback frames, which name
+    the code files of every call (its own, the pack's) for any node's error."""
+    text = re.sub(r'File \\"[^"]*?\.py\\", line', "File <code file>, line", json.dumps(entry))
+    return [text[max(0, m.start() - 80): m.end() + 80] for path in forbidden
+            for m in re.finditer(re.escape(json.dumps(path)[1:-1]), text)]
 
 
 def run_graph(server: ComfyServer, graph: dict, timeout: float = 1500) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import urllib.parse
@@ -258,14 +257,6 @@ def test_no_http_route_returns_the_photos(server, place, run):
     assert status == 200
 
 
-def absolute_paths_in(entry: dict, forbidden: list[str]) -> list[str]:
-    """The forbidden paths /history's entry holds, leaving out ComfyUI's traceback frames, which name
-    the code files of every call (its own, the pack's) for any node's error."""
-    text = re.sub(r'File \\"[^"]*?\.py\\", line', "File <code file>, line", json.dumps(entry))
-    return [text[max(0, m.start() - 80): m.end() + 80] for path in forbidden
-            for m in re.finditer(re.escape(json.dumps(path)[1:-1]), text)]
-
-
 def test_history_names_no_absolute_path_after_bad_inputs(server, place, run):
     entry, _ = run
     made = cf.loras(f"iddm_test_{RUN}")
@@ -297,9 +288,9 @@ def test_history_names_no_absolute_path_after_bad_inputs(server, place, run):
             assert failed["status"]["status_str"] == "error", case
             message = json.dumps([e["exception_message"] for e in cf.execution_errors(failed)])
             assert expected in message, (case, message)
-            assert absolute_paths_in(failed, forbidden) == [], case
-            assert absolute_paths_in(server.get(f"/history/{failed['prompt'][1]}"), forbidden) == [], case
+            assert cf.absolute_paths_in(failed, forbidden) == [], case
+            assert cf.absolute_paths_in(server.get(f"/history/{failed['prompt'][1]}"), forbidden) == [], case
     finally:
         broken.unlink()
-    assert absolute_paths_in(server.get("/history"), forbidden) == []
-    assert absolute_paths_in(entry, forbidden) == []
+    assert cf.absolute_paths_in(server.get("/history"), forbidden) == []
+    assert cf.absolute_paths_in(entry, forbidden) == []
