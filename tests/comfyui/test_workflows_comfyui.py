@@ -103,7 +103,7 @@ def test_the_readmes_comfy_run_command_is_accepted_and_training_starts(site, tmp
     server, base, _ = site
     words = shlex.split(README_COMMAND)
     assert words[:2] == ["comfy", "run"] and (cf.REPO / words[words.index("--workflow") + 1]).is_file()
-    log_before = len(server.log())
+    log_before, history_before = len(server.log()), set(server.get("/history"))
     process = subprocess.Popen([cli, *words[1:], "--host", "127.0.0.1", "--port", str(server.port)],
                                cwd=cf.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp_path), "COLUMNS": "200"})
@@ -123,11 +123,11 @@ def test_the_readmes_comfy_run_command_is_accepted_and_training_starts(site, tmp
     while (queue := server.get("/queue"))["queue_running"] or queue["queue_pending"]:
         assert time.time() < deadline, "the interrupted run never ended"
         time.sleep(2)
-    history = server.get("/history")
-    queued = [entry for entry in history.values() if entry["prompt"][2].get("6", {}).get("class_type") == "IDDMTrain"]
-    assert queued and "execution_interrupted" in [m[0] for m in cf.status_messages(queued[-1])]
-    assert queued[-1]["prompt"][1] in out  # the run comfy-cli queued
-    loader = queued[-1]["prompt"][2]["10"]["inputs"]
+    # the one run comfy-cli queued (its output names the prompt only when the run succeeds)
+    queued = [entry for prompt_id, entry in server.get("/history").items() if prompt_id not in history_before]
+    assert len(queued) == 1 and queued[0]["prompt"][2]["6"]["class_type"] == "IDDMTrain", queued
+    assert "execution_interrupted" in [m[0] for m in cf.status_messages(queued[0])]
+    loader = queued[0]["prompt"][2]["10"]["inputs"]
     assert loader["lora_name"] == spec.CONNECTED_LORA  # the listed entry comfy-cli accepted
 
 
