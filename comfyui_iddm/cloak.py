@@ -62,6 +62,14 @@ CLOAK_KNOBS = ("eta", "pgd_alpha", "pixel_range", "iterations", "pgd_steps", "ft
                "lora_alpha", "batch_size", "resolution", "seed", "instance_prompt", "class_prompt",
                "prior_weight", "mixed_precision", "gradient_checkpointing", "pgd_batch")
 
+# The knobs each method reads (what its report lists): the others do not change its result.
+METHOD_KNOBS: dict[str, tuple[str, ...]] = {
+    "aspl": CLOAK_KNOBS,
+    "rid": ("eta", "pixel_range", "resolution"),
+    "noise": ("eta", "pixel_range", "resolution", "seed"),
+    "none": ("resolution",),
+}
+
 
 def cloak_config(**overrides: Any) -> IDDMConfig:
     """The settings of a cloak: CLOAK_DEFAULTS, then the caller's."""

@@ -133,14 +133,14 @@ def figures_json(report: Mapping[str, Any]) -> str:
 
 
 def cloak_report(method: str, config, outcome) -> str:
-    """What IDDM Cloak Photos reports (and ComfyUI keeps in its history): the method, its settings,
+    """What IDDM Cloak Photos reports (and ComfyUI keeps in its history): the method, the settings it reads,
     the budget in [0,1] units and the figures of the run (no names; an unchanged photo's PSNR is null)."""
-    from comfyui_iddm.cloak import CLOAK_KNOBS
+    from comfyui_iddm.cloak import METHOD_KNOBS
 
     figures = {key: (None if isinstance(value, float) and math.isinf(value) else value)
                for key, value in outcome.figures.items()}
     return json.dumps({"method": method, "photos": int(outcome.cloaked.shape[0]),
                        "budget_0_1": round(config.budget[0], 5),
-                       "settings": {name: getattr(config, name) for name in CLOAK_KNOBS},
+                       "settings": {name: getattr(config, name) for name in METHOD_KNOBS[method]},
                        "figures": figures, "seconds_per_photo": round(outcome.seconds_per_photo, 3)},
                       indent=1, sort_keys=True)

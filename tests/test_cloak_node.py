@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import pack_nodes
-from comfyui_iddm.cloak import CLOAK_DEFAULTS, METHODS, CloakRequest, cloak_config, make_cloak, run_cloak
+from comfyui_iddm.cloak import (CLOAK_DEFAULTS, CLOAK_KNOBS, METHOD_KNOBS, METHODS, CloakRequest, cloak_config,
+                                make_cloak, run_cloak)
 from comfyui_iddm.config import KNOBS, ConfigError
 from conftest import random_rid_network
 
@@ -84,7 +85,10 @@ def test_cloak_report_holds_settings_and_figures_only():
         assert report["method"] == method and report["photos"] == 2
         assert report["budget_0_1"] == pytest.approx(0.025)
         assert set(report["figures"]) == {"linf", "psnr", "ssim"}
-        assert report["settings"]["iterations"] == CLOAK_DEFAULTS["iterations"]
-    assert report["figures"]["psnr"] > 30
+        assert set(report["settings"]) == set(METHOD_KNOBS[method])  # only what the method reads
+    assert report["settings"]["eta"] == CLOAK_DEFAULTS["eta"] and report["figures"]["psnr"] > 30
+    assert set(METHOD_KNOBS) == set(METHODS) and all(set(k) <= set(CLOAK_KNOBS) for k in METHOD_KNOBS.values())
+    aspl = json.loads(convert.cloak_report("aspl", config, run_cloak(make_cloak(CloakRequest("none", config)), photos)))
+    assert aspl["settings"]["iterations"] == CLOAK_DEFAULTS["iterations"] and set(aspl["settings"]) == set(CLOAK_KNOBS)
     unchanged = json.loads(convert.cloak_report("none", config, run_cloak(make_cloak(CloakRequest("none", config)), photos)))
     assert unchanged["figures"]["psnr"] is None  # valid JSON: no Infinity
