@@ -22,7 +22,7 @@ STOCK_NODES = Path(__file__).with_name("data") / "comfyui_stock_nodes.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # any SD 1.x / 2.x checkpoint of the user's
-PHOTO_FOLDER = "my_photos"  # a folder inside ComfyUI/input with the person's photos
+PHOTO_FOLDER = "my_photos"  # a folder of the person's photos inside the private-photos root
 CLASS_FOLDER = "other_people"  # beside it: photos of other people (APDM's class images)
 POSITIVE = "a photo of sks person, portrait, natural light"
 NEGATIVE = "blurry, lowres, deformed"
