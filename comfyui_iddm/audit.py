@@ -13,18 +13,23 @@ text and the images embedded in them). Reports:
   iddm_<date>_<id>;
 - GPS positions and owner/author tags in EXIF;
 - in LoRA metadata: training-data folder names, output names that are not neutral, hashes of files.
-Formats are recognised by their first bytes, not their file names. In a folder, every other file
-(and every hidden one) is listed as not checked. Nothing is written.
+Formats are recognised by their first bytes, not their file names. Images are read with Pillow's
+readers; one it cannot read (damaged, or with more compressed text than it reads safely) is listed as
+not checked. In a folder, every other file (and every hidden one) is listed as not checked. Nothing is
+written.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
+
+from PIL import Image, JpegImagePlugin, PngImagePlugin
+from PIL.ExifTags import TAGS
 
 from .private_root import is_neutral_lora_name
 
@@ -46,8 +51,6 @@ AUDITED_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".json", 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # safetensors headers are at most 100 MB (the format's own limit); only the header is read.
 MAX_SAFETENSORS_HEADER = 100_000_000
-# Decompressed text chunks are read up to this size (a hostile file cannot exhaust memory).
-MAX_TEXT_BYTES = 64 * 1024 * 1024
 
 # UI-format workflows store widget values by position. Positions of the sensitive widgets of the
 # IDDM nodes (tests/test_audit.py checks them against nodes/spec.py) and the stock LoRA loaders.
@@ -161,6 +164,10 @@ def metadata_items(data: bytes) -> list[tuple[str, str]]:
     return items
 
 
+class _UnknownFormat(ValueError):
+    """Data in none of the formats this audit reads (unlike a damaged file of one of them)."""
+
+
 def _container_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
     """(where, text) or (where, EXIF block as bytes) in file order."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -175,8 +182,8 @@ def _container_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ValueError("not a PNG, JPEG or WebP image, a .safetensors file, nor a UTF-8 text/JSON/HTML "
-                         "file") from None
+        raise _UnknownFormat("not a PNG, JPEG or WebP image, a .safetensors file, nor a UTF-8 "
+                             "text/JSON/HTML file") from None
     if _HTML_START.match(text):
         return _html_items(text)
     return iter([("file", text)])
@@ -184,89 +191,111 @@ def _container_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
 
 # --------------------------------------------------------------------------------- image containers
 
+# PNG chunks that hold no text (image data, colour, animation frames): not read.
 _PNG_SILENT = {b"IHDR", b"PLTE", b"IDAT", b"pHYs", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"bKGD",
                b"tRNS", b"sBIT", b"hIST", b"sPLT", b"acTL", b"fcTL", b"fdAT", b"tIME", b"cICP",
                b"mDCv", b"cLLi"}
+# PNG text chunks and the Pillow reader of each (ComfyUI's animated-PNG `comf` is laid out as tEXt).
+_PNG_TEXT_LAYOUTS = {b"tEXt": b"tEXt", b"zTXt": b"zTXt", b"iTXt": b"iTXt", b"comf": b"tEXt"}
 
 
 def _png_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
-    pos = 8
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        pos += 12 + length
+    for kind, body in _png_chunks(data):
         name = kind.decode("latin-1")
-        if kind == b"IEND":
-            return
-        if kind in (b"tEXt", b"comf"):
-            key, _, text = body.partition(b"\0")
-            yield f"PNG {name} '{key.decode('latin-1')}'", text.decode("latin-1")
-        elif kind == b"zTXt":
-            key, _, rest = body.partition(b"\0")
-            yield f"PNG zTXt '{key.decode('latin-1')}'", _inflate(rest[1:]).decode("latin-1")
-        elif kind == b"iTXt":
-            key, _, rest = body.partition(b"\0")
-            compressed = rest[:1] == b"\x01"
-            _lang, _, rest = rest[2:].partition(b"\0")
-            _translated, _, text = rest.partition(b"\0")
-            text = _inflate(text) if compressed else text
-            yield f"PNG iTXt '{key.decode('latin-1')}'", text.decode("utf-8", "replace")
+        texts = _png_texts(kind, body) if kind in _PNG_TEXT_LAYOUTS else {}
+        if any(texts.values()):
+            yield from ((f"PNG {name} '{key}'", text) for key, text in texts.items())
         elif kind == b"eXIf":
             yield "PNG eXIf", body
-        elif kind not in _PNG_SILENT:  # private chunks may hold anything: read their text
+        elif kind not in _PNG_SILENT:  # private chunks, and text chunks Pillow cannot read: their text
             yield from _strings_item(body, f"PNG chunk '{name}'")
 
 
-def _jpeg_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of the compressed data: no more metadata
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, body) of each chunk before IEND, private ones too, as Pillow's chunk reader frames them.
+    A file cut short gives its chunks up to the cut, the last one with the bytes it has."""
+    file = io.BytesIO(data)
+    file.seek(8)  # past the signature
+    chunks = PngImagePlugin.ChunkStream(file)
+    while True:
+        start = file.tell()
+        try:
+            kind, body_start, length = chunks.read()
+        except (struct.error, SyntaxError):
+            if len(data) - start < 8:  # the file ends here
+                return
+            raise ValueError(f"a damaged PNG: no chunk starts at byte {start}") from None
+        if kind == b"IEND":
             return
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        body = data[pos + 4:pos + 2 + length]
-        pos += 2 + length
-        if marker == 0xFE:
+        yield kind, data[body_start:body_start + length]
+        file.seek(body_start + length + 4)  # past the body and its CRC (not checked: the text is read anyway)
+
+
+def _png_texts(kind: bytes, body: bytes) -> dict[str, str]:
+    """{keyword: text} of one text chunk as Pillow reads it, decompressed up to Pillow's limit against
+    decompression bombs (PngImagePlugin.MAX_TEXT_CHUNK); {} if Pillow cannot read it."""
+    reader = PngImagePlugin.PngStream(io.BytesIO(body))
+    try:
+        reader.call(_PNG_TEXT_LAYOUTS[kind], 0, len(body))
+    except SyntaxError:  # an unknown compression method
+        return {}
+    except ValueError as error:  # over the limit: the image is not checked
+        raise ValueError(f"a PNG {kind.decode('latin-1')} chunk holds more text than Pillow reads safely "
+                         f"({error}); to publish the image, save it again without metadata (IDDM Save "
+                         "Public Image)") from None
+    return reader.im_text
+
+
+_XMP = b"http://ns.adobe.com/xap/1.0/\0"
+# Extended XMP: after the name, a 32-byte GUID, the full length and this part's offset (4 bytes each).
+_EXTENDED_XMP = b"http://ns.adobe.com/xmp/extension/\0"
+# JPEG segments that hold no text: JFIF's density, the ICC colour profile.
+_JPEG_SILENT = {"APP0": (b"JFIF\0", b"JFXX\0"), "APP2": (b"ICC_PROFILE\0",)}
+
+
+def _jpeg_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
+    for marker, body in _jpeg_segments(data):
+        if marker == "COM":
             yield "JPEG comment", body.decode("utf-8", "replace")
-        elif marker == 0xE1 and body.startswith(b"Exif\0"):
-            yield "JPEG EXIF", body[6:]
-        elif marker == 0xE1 and body.startswith(b"http://ns.adobe.com/xap/1.0/\0"):
-            yield "JPEG XMP", body.split(b"\0", 1)[1].decode("utf-8", "replace")
-        elif marker == 0xE1 and body.startswith(b"http://ns.adobe.com/xmp/extension/\0"):
-            yield "JPEG extended XMP", body[35 + 40:].decode("utf-8", "replace")
-        elif marker == 0xE0 and body.startswith((b"JFIF\0", b"JFXX\0")):
-            continue
-        elif marker == 0xE2 and body.startswith(b"ICC_PROFILE\0"):
-            continue
-        elif 0xE0 <= marker <= 0xEF:  # other APPn (IPTC in APP13, maker data): read their text
-            yield from _strings_item(body, f"JPEG APP{marker - 0xE0}")
+        elif marker == "APP1" and body.startswith(b"Exif\0"):
+            yield "JPEG EXIF", body
+        elif marker == "APP1" and body.startswith(_XMP):
+            yield "JPEG XMP", body[len(_XMP):].decode("utf-8", "replace")
+        elif marker == "APP1" and body.startswith(_EXTENDED_XMP):
+            yield "JPEG extended XMP", body[len(_EXTENDED_XMP) + 40:].decode("utf-8", "replace")
+        elif not body.startswith(_JPEG_SILENT.get(marker, ())):  # other APPn (IPTC, maker data): their text
+            yield from _strings_item(body, f"JPEG {marker}")
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[str, bytes]]:
+    """(marker name, body) of the APPn and COM segments, in file order, as Pillow reads them when it
+    opens a JPEG. Opened directly rather than with Image.open, whose limit on the pixel count is
+    for decoding: only the header is read here."""
+    try:
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as image:
+            return image.applist
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"a damaged or truncated JPEG: Pillow cannot read its header ({error})") from None
+
+
+# WebP chunks of the image itself; any other may hold text.
+_WEBP_SILENT = {b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF", b"ICCP"}
 
 
 def _webp_items(data: bytes) -> Iterator[tuple[str, str | bytes]]:
+    """Pillow reads WebP through libwebp, which hands over EXIF, XMP and ICC but no other chunk:
+    so the RIFF chunks are walked here, to read the text of unknown ones too."""
     pos = 12
     while pos + 8 <= len(data):
         kind, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
         body = data[pos + 8:pos + 8 + size]
         pos += 8 + size + (size & 1)
         if kind == b"EXIF":
-            yield "WebP EXIF", body[6:] if body.startswith(b"Exif\0") else body
+            yield "WebP EXIF", body
         elif kind == b"XMP ":
             yield "WebP XMP", body.decode("utf-8", "replace")
-        elif kind not in (b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF", b"ICCP"):
+        elif kind not in _WEBP_SILENT:
             yield from _strings_item(body, f"WebP chunk '{kind.decode('latin-1')}'")
-
-
-def _inflate(data: bytes) -> bytes:
-    try:
-        return zlib.decompressobj().decompress(data, MAX_TEXT_BYTES)
-    except zlib.error:
-        return data  # damaged: its raw bytes may still show readable text
 
 
 def _strings_item(data: bytes, where: str) -> Iterator[tuple[str, str]]:
@@ -364,8 +393,10 @@ def _html_items(text: str) -> Iterator[tuple[str, str | bytes]]:
         try:
             for where, payload in _container_items(image):
                 yield f"HTML embedded image {number} > {where}", payload
-        except ValueError:
+        except _UnknownFormat:  # e.g. a GIF: none of the metadata this audit reads
             continue
+        except ValueError as error:  # a damaged image: the page is not checked
+            raise ValueError(f"HTML embedded image {number}: {error}") from None
 
 
 # --------------------------------------------------------------------------------- EXIF
@@ -378,7 +409,7 @@ _PERSONAL_TAGS = {0x013B: "Artist", 0x9C9D: "XPAuthor", 0xA430: "CameraOwnerName
 
 
 def _load_exif(tiff: bytes):
-    from PIL import Image
+    """An EXIF block, with or without its 'Exif\\0\\0' header (Pillow skips it)."""
     exif = Image.Exif()
     exif.load(tiff)
     return exif
@@ -391,7 +422,6 @@ def _exif_values(tiff: bytes) -> Iterator[tuple[int, Any]]:
 
 
 def _exif_items(tiff: bytes, where: str) -> Iterator[tuple[str, str]]:
-    from PIL.ExifTags import TAGS
     try:
         values = list(_exif_values(tiff))
     except Exception:  # malformed EXIF: fall back to its readable bytes

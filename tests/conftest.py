@@ -16,6 +16,7 @@ Everything here is CPU-only, built in code and downloads nothing. Other test mod
   fixture `mtcnn`: facenet-pytorch's MTCNN detector (real weights from its wheel), skips if absent.
 - `train_argv(photos, out, *extra)`: fast `iddm train` arguments; `run_cli_here(argv)` runs
   them in-process -> (code, out, err); `files_under(folder)` lists what a run left behind.
+- `png_chunk_types(data)`: the chunk types of a PNG file's bytes (e.g. [IHDR, IDAT, IEND] for pixels only).
 - `run_cli(args, ...)`: `python -m comfyui_iddm.cli` in a child process with the test recognizer
   registered; returns the CompletedProcess (or the Popen with `wait=False`).
 
@@ -25,6 +26,7 @@ on a busy 2-core machine torch's thread pool made a 64 px step 30x slower than o
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -249,6 +251,21 @@ def files_under(folder: Path) -> set[str]:
     """Every file and folder below `folder` (hidden ones included), as relative paths."""
     folder = Path(folder)
     return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
+
+
+def png_chunk_types(data: bytes) -> list[bytes]:
+    """The types of a PNG's chunks in file order, private ones too (Image.info drops those), read and
+    CRC-checked by Pillow's chunk reader; anything after IEND is read as chunks too (and fails)."""
+    from PIL import PngImagePlugin
+
+    file = io.BytesIO(data)
+    assert file.read(8) == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    chunks, types = PngImagePlugin.ChunkStream(file), []
+    while file.tell() < len(data):
+        kind, _, length = chunks.read()
+        chunks.crc(kind, file.read(length))
+        types.append(kind)
+    return types
 
 
 # --- Order and cleanliness of the tests against a real ComfyUI (tests/comfyui) -------------------

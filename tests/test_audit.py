@@ -54,6 +54,10 @@ def png_bytes(info: PngInfo | None = None, **save) -> bytes:
     return buffer.getvalue()
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def stock_png(api: dict, ui: dict) -> bytes:
     """What ComfyUI's stock Save Image writes: tEXt 'prompt' (API graph) and 'workflow' (UI graph)."""
     info = PngInfo()
@@ -165,9 +169,8 @@ def test_webp_xmp_chunk():
 
 def test_unknown_png_chunk_text_is_read():
     body = b"\0\1\2saved by a tool from /media/usb/people/anna/portrait.png\0\3"
-    chunk = struct.pack(">I", len(body)) + b"prVt" + body + struct.pack(">I", zlib.crc32(b"prVt" + body))
     data = png_bytes()
-    data = data[:33] + chunk + data[33:]  # after IHDR
+    data = data[:33] + png_chunk(b"prVt", body) + data[33:]  # after IHDR
     assert kinds(audit_bytes(data)) == [("absolute_path", "/media/usb/people/anna/portrait.png")]
 
 
@@ -190,6 +193,41 @@ def test_truncated_and_damaged_images_do_not_crash():
     audit_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="not a PNG"):
         audit_bytes(b"\x00\x01\x02\xff\xfe binary")
+
+
+def test_every_text_chunk_is_read_not_only_what_image_info_keeps():
+    """Image.info keeps one text per keyword and none after the pixels: the audit reads every chunk."""
+    data = png_bytes()
+    after_pixels = data.rindex(b"IEND") - 4
+    data = (data[:33] + png_chunk(b"tEXt", b"note\0/home/ann/first/x")
+            + data[33:after_pixels] + png_chunk(b"tEXt", b"note\0/home/bob/second/y") + data[after_pixels:])
+    assert kinds(audit_bytes(data)) == [("home_dir", "/home/ann/first/x"), ("home_dir", "/home/bob/second/y")]
+
+
+def test_images_pillow_cannot_read_are_listed_as_not_checked(tmp_path):
+    import base64
+
+    from PIL import PngImagePlugin
+
+    bomb = PngInfo()
+    bomb.add_text("prompt", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)  # over Pillow's limit
+    (tmp_path / "bomb.png").write_bytes(png_bytes(bomb))
+    damaged = png_bytes()
+    (tmp_path / "damaged.png").write_bytes(damaged[:33] + b"\0\0\0\5\1\2\3\4" + damaged[33:])
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG", exif=exif_with_everything())
+    cut = buffer.getvalue()[:buffer.getvalue().index(b"Exif") + 20]
+    (tmp_path / "cut.jpg").write_bytes(cut)
+    (tmp_path / "page.html").write_text(f'<html><img src="data:image/jpeg;base64,{base64.b64encode(cut).decode()}">')
+    result = audit(tmp_path)
+    reasons = {Path(file).name: reason for file, reason in result.skipped}
+    assert result.files_checked == 0 and result.findings == []
+    assert set(reasons) == {"bomb.png", "damaged.png", "cut.jpg", "page.html"}
+    assert "more text than Pillow reads safely" in reasons["bomb.png"]
+    assert "IDDM Save Public Image" in reasons["bomb.png"]  # what to do
+    assert reasons["damaged.png"] == "a damaged PNG: no chunk starts at byte 33"
+    assert reasons["cut.jpg"].startswith("a damaged or truncated JPEG: Pillow cannot read its header")
+    assert reasons["page.html"] == "HTML embedded image 1: " + reasons["cut.jpg"]
 
 
 # ----------------------------------------------------------------------------- text and JSON

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from comfyui_iddm.photos import load_photo_folder, read_image
 
-from conftest import insightface_t1, run_cli, train_argv, write_photos
+from conftest import insightface_t1, png_chunk_types, run_cli, train_argv, write_photos
 
 SECRET_FOLDER = "Jane_Doe_private_photos_q8z"
 SECRET_NAMES = [f"jane_doe_beach_2019_{tag}.png" for tag in ("x7q", "k2m", "p9w", "r4t")]
@@ -120,13 +120,4 @@ def test_a_whole_training_run_leaks_nothing_about_the_photos(tmp_path, detector,
         assert png.name.startswith("decoupled_") and scan(png.name.encode(), needles) == []
         image = Image.open(png)
         assert image.info == {} or set(image.info) <= {"dpi"}  # no text chunks, no EXIF, no ICC
-        assert _png_chunk_types(png.read_bytes()) <= {b"IHDR", b"IDAT", b"IEND"}
-
-
-def _png_chunk_types(data: bytes) -> set[bytes]:
-    types, offset = set(), 8
-    while offset < len(data):
-        length = int.from_bytes(data[offset:offset + 4], "big")
-        types.add(data[offset + 4:offset + 8])
-        offset += 12 + length
-    return types
+        assert set(png_chunk_types(png.read_bytes())) <= {b"IHDR", b"IDAT", b"IEND"}

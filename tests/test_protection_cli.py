@@ -13,7 +13,7 @@ from PIL import Image
 
 from comfyui_iddm.lora_io import load_lora
 
-from conftest import TEST_RECOGNIZER, files_under, run_cli_here, write_photos
+from conftest import TEST_RECOGNIZER, files_under, png_chunk_types, run_cli_here, write_photos
 
 NAMES = ["anna_beach.png", "anna_home.png", "anna_park.png", "anna_work.png"]
 FAST_CLOAK = ("--detector", "none", "--resolution", "64", "--iterations", "1", "--ft-steps", "1",
@@ -26,16 +26,6 @@ def photos(tmp_path):
     folder = tmp_path / "private"
     write_photos(folder, 4, names=NAMES)
     return folder
-
-
-def png_chunks(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    chunks, at = [], 8
-    while at < len(data):
-        length = int.from_bytes(data[at:at + 4], "big")
-        chunks.append(data[at + 4:at + 8])
-        at += 12 + length
-    return chunks
 
 
 def assert_no_names(text: str, *paths: Path) -> None:
@@ -53,7 +43,7 @@ def test_cloak_writes_numbered_images_with_nothing_but_the_pixels(photos, tmp_pa
     assert code == 0, stderr
     assert files_under(out) == {f"cloaked_{i:03d}.png" for i in range(4)}
     for path in out.iterdir():
-        assert png_chunks(path) == [b"IHDR", b"IDAT", b"IEND"]  # no text, EXIF, ICC or time
+        assert png_chunk_types(path.read_bytes()) == [b"IHDR", b"IDAT", b"IEND"]  # no text, EXIF, ICC or time
         assert Image.open(path).size == (96, 96)  # the whole photo, the cloak pasted in
         raw = zlib.decompress(path.read_bytes()[8 + 8 + 13 + 4 + 8:])  # no name hidden anywhere
         assert b"anna" not in path.read_bytes() and b"anna" not in raw

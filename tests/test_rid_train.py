@@ -79,7 +79,7 @@ def test_rid_train_refuses_missing_faces_and_a_folder_or_existing_file_as_output
 
 
 def test_cloak_with_the_trained_network_writes_pixels_only_within_the_budget(tmp_path):
-    from test_protection_cli import png_chunks
+    from conftest import png_chunk_types
 
     faces, photos = tmp_path / "faces", tmp_path / "bob"
     write_photos(faces, 4, size=64)
@@ -91,7 +91,7 @@ def test_cloak_with_the_trained_network_writes_pixels_only_within_the_budget(tmp
     assert code == 0, stderr
     assert files_under(out) == {f"cloaked_{i:03d}.png" for i in range(3)}
     for path in sorted(out.iterdir()):
-        assert png_chunks(path) == [b"IHDR", b"IDAT", b"IEND"]
+        assert png_chunk_types(path.read_bytes()) == [b"IHDR", b"IDAT", b"IEND"]
         assert b"bob" not in path.read_bytes()
     assert "method rid" in stdout and "bob" not in stdout + stderr
     assert "6.4 of 255" in stdout  # the cloak's budget (0.05 in [-1,1] pixels)

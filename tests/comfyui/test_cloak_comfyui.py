@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import comfyui_fixtures as cf  # noqa: E402
 import pack_nodes  # noqa: E402
 import workflow_graphs as wg  # noqa: E402
-from conftest import random_rid_network  # noqa: E402
+from conftest import png_chunk_types, random_rid_network  # noqa: E402
 
 pytestmark = cf.comfyui_marks("run IDDM Cloak Photos on a real ComfyUI server")
 RUN = uuid.uuid4().hex[:6]
@@ -48,19 +48,11 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.float64) / 255.0
 
 
-def png_chunks(path: Path) -> list[bytes]:
-    data, chunks, at = path.read_bytes(), [], 8
-    while at < len(data):
-        chunks.append(data[at + 4:at + 8])
-        at += 12 + int.from_bytes(data[at:at + 4], "big")
-    return chunks
-
-
 def assert_cloaked_within_budget(cloaked: list[Path], originals: list[Path]) -> None:
     """Every photo saved with pixels only, changed, and by no more than the budget (plus PNG rounding)."""
     assert len(cloaked) == len(originals) >= 4
     for mine, original in zip(cloaked, originals):
-        assert png_chunks(mine) == [b"IHDR", b"IDAT", b"IEND"]
+        assert png_chunk_types(mine.read_bytes()) == [b"IHDR", b"IDAT", b"IEND"]
         change = np.abs(pixels(mine) - pixels(original))
         assert change.max() <= BUDGET + 1 / 255 and change.max() > 0
 
