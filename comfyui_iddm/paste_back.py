@@ -46,9 +46,5 @@ def kept_share(pasted: Tensor, box: CropBox, crop: Tensor, cloaked: Tensor) -> f
     between the change it sees (the posted photo cut and resized as the crop was, minus the crop) and the
     cloak's change. 1 = all of it; less after 8-bit rounding and where the photo's square is smaller than
     the crop (the change was resampled)."""
-    from PIL import Image
-
-    square = (box.left, box.top, box.left + box.side, box.top + box.side)
-    size = (crop.shape[-1], crop.shape[-2])
-    seen = pil_to_tensor(tensor_to_pil(pasted).resize(size, Image.Resampling.LANCZOS, box=square)) - crop
+    seen = pil_to_tensor(box.cut(tensor_to_pil(pasted), crop.shape[-1])) - crop
     return float(F.cosine_similarity(seen.flatten(), (cloaked - crop).flatten(), dim=0))

@@ -251,18 +251,18 @@ def crop_faces(photos: Iterable[tuple[int, str, Image.Image]], resolution: int, 
         face = centred_face(img.size) if detector is None else _main_face(detector, img, index, name, issues)
         if face is None:
             continue
-        crop, points = square_crop(img, face.box, face.landmarks, resolution)
-        tensor = pil_to_tensor(crop)
+        square = crop_box(img.size, face.box)
+        tensor = pil_to_tensor(square.cut(img, resolution))
         earlier = _same_photo_index(tensor, crops)
         if earlier is not None:
             issues.append(PhotoIssue(index, name, f"the same photo as {kept[earlier]} (skipped)"))
             continue
         crops.append(tensor)
-        landmarks.append(torch.as_tensor(points, dtype=torch.float32))
+        landmarks.append(torch.as_tensor(square.map_points(face.landmarks, resolution), dtype=torch.float32))
         scores.append(face.score * _side(face.box))
         kept.append(name)
         numbers.append(index + 1)
-        boxes.append(crop_box(img.size, face.box))
+        boxes.append(square)
     if not crops:
         empty = torch.zeros(0, 3, resolution, resolution)
         return PhotoSet(empty, torch.zeros(0, 5, 2), [], torch.zeros(0), issues)
@@ -314,6 +314,15 @@ class CropBox:
     top: float
     side: float
 
+    def cut(self, img: Image.Image, resolution: int) -> Image.Image:
+        """The square of `img`, resized to resolution x resolution as every face crop is (Lanczos)."""
+        return img.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                          box=(self.left, self.top, self.left + self.side, self.top + self.side))
+
+    def map_points(self, points: np.ndarray, resolution: int) -> np.ndarray:
+        """Points of the photo in the crop `cut` makes (pixel centres at integers on both sides)."""
+        return (np.asarray(points) + 0.5 - np.array([self.left, self.top])) * (resolution / self.side) - 0.5
+
 
 def crop_box(size: tuple[int, int], face_box) -> CropBox:
     """A square of CROP_SCALE x the face box around its centre, moved (and shrunk) to stay inside the photo."""
@@ -327,11 +336,7 @@ def square_crop(img: Image.Image, box, points: np.ndarray, resolution: int) -> t
     """The crop_box of the face box, resized to `resolution`; the landmarks mapped into it (pixel
     centres at integers on both sides)."""
     square = crop_box(img.size, box)
-    left, top, side = square.left, square.top, square.side
-    crop = img.resize((resolution, resolution), Image.Resampling.LANCZOS,
-                      box=(left, top, left + side, top + side))
-    scale = resolution / side
-    return crop, (np.asarray(points) + 0.5 - np.array([left, top])) * scale - 0.5
+    return square.cut(img, resolution), square.map_points(points, resolution)
 
 
 def _same_photo_index(crop: Tensor, crops: list[Tensor]) -> int | None:

@@ -29,8 +29,9 @@ class LoraOutput:
 
         file_name = lora_file_name(name or neutral_lora_name())
         # ComfyUI's checkout ships models/loras; a bare --base-directory lacks it until something makes it
-        loras_dir().mkdir(parents=True, exist_ok=True)
-        path = loras_dir() / file_name
+        folder = loras_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / file_name
         check_writable(path, overwrite)
         state_dir = claim_state_dir(private_run_dir(file_name), resume, overwrite, file_name,
                                     "turn on resume to continue it, or overwrite to start over.")

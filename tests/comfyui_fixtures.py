@@ -296,6 +296,18 @@ def run_graph(server: ComfyServer, graph: dict, timeout: float = 1500) -> dict:
     return entry
 
 
+def interrupt_after_first_iteration(server: ComfyServer, graph: dict, state_dir: Path) -> dict:
+    """Queue a resumable training graph, press Cancel once its first iteration is saved in
+    `state_dir`, and return the run's /history entry."""
+    prompt_id = server.queue(graph)
+    deadline = time.time() + 900
+    while not list(state_dir.glob("iteration-0001")):
+        assert time.time() < deadline, "the first iteration never finished"
+        time.sleep(0.5)
+    server.post("/interrupt")
+    return server.wait(prompt_id, 600)
+
+
 def make_face_photos(folder: Path, count: int = 6) -> list[Path]:
     """Separate portrait files cut from insightface's sample group photo (6 people): real faces for
     the detector and recognizers, named neutrally. Needs insightface's data files and MTCNN."""

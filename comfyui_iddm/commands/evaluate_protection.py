@@ -226,7 +226,6 @@ def read_protected(folder: Path, published, resolution: int):
     are; whole photos (as `iddm cloak` writes them) cut at the published photo's own crop square, as
     the clean one was."""
     import torch
-    from PIL import Image
 
     from ..config import ConfigError
     from ..photos import list_photo_files, pil_to_tensor, read_image
@@ -243,8 +242,7 @@ def read_protected(folder: Path, published, resolution: int):
                 raise ConfigError(f"protected photo {number} is {image.width}x{image.height}: neither a face "
                                   f"crop at --resolution {resolution} nor the whole photo of clean photo "
                                   f"{number}; cloak the --clean photos with the same --resolution.")
-            image = image.resize((resolution, resolution), Image.Resampling.LANCZOS,
-                                 box=(box.left, box.top, box.left + box.side, box.top + box.side))
+            image = box.cut(image, resolution)
         images.append(pil_to_tensor(image))
     return torch.stack(images)
 

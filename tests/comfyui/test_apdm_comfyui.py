@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -60,13 +59,7 @@ def test_cancel_leaves_no_file_and_resume_continues(server):
 
     api, inputs = graph("resume", iterations=3, ft_steps=4, seed=5)
     state = private_run_dir(f"{inputs['protection_name']}.safetensors")  # the server runs as this user
-    prompt_id = server.queue(api)
-    deadline = time.time() + 900
-    while not list(state.glob("iteration-0001")):
-        assert time.time() < deadline, "the first iteration never finished"
-        time.sleep(0.5)
-    server.post("/interrupt")
-    entry = server.wait(prompt_id, 600)
+    entry = cf.interrupt_after_first_iteration(server, api, state)
     assert "execution_interrupted" in [m[0] for m in cf.status_messages(entry)]
     assert not cf.loras(f"iddm_test_{RUN}_resume") and state.is_dir()
     assert not list((ROOT / "models" / "loras").glob(".*.tmp"))

@@ -149,13 +149,7 @@ def test_cancelled_training_resumes_from_its_last_finished_iteration(server):
     train["inputs"].update(iterations=3, ft_steps=6, seed=3)
     file_name = f"{train['inputs']['lora_name']}.safetensors"
     state = private_run_dir(file_name)  # the server runs as this user, with this environment
-    prompt_id = server.queue(graph)
-    deadline = time.time() + 900
-    while not list(state.glob("iteration-0001")):
-        assert time.time() < deadline, "the first iteration never finished"
-        time.sleep(0.5)
-    server.post("/interrupt")
-    server.wait(prompt_id, 600)
+    cf.interrupt_after_first_iteration(server, graph, state)
     assert not loras(f"iddm_test_{RUN}_resume") and state.is_dir()
 
     entry = server.wait(server.queue(graph), 600)  # resume off: refused, the saved work kept
